@@ -1,0 +1,254 @@
+"""The SRPO math of SPEC §3: sigma schedule, Euler rollout, Direct-Align branches, SRP loss.
+
+Pure tensor code: no I/O, no models, no distributed calls. Models enter only as the three
+callables `velocity`, `decode` and `reward`, so every formula here can be pinned by tests with
+hand-computed values.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+"""velocity(x, sigma) -> v ≈ ε − x₀, sigma the exact (unquantised) noise level."""
+Decode = Callable[[torch.Tensor], torch.Tensor]
+"""decode(latents) -> image in [0, 1], differentiable."""
+Reward = Callable[[torch.Tensor, str, str, float], torch.Tensor]
+"""reward(image, positive_prompt, negative_prompt, weight) -> f·((1 + w)·p − n), shape [B]."""
+
+MID_MARGIN = 5
+"""The mid index is drawn uniformly in [MID_MARGIN, T − MID_MARGIN] (SPEC §3 step 2)."""
+
+
+def _pair(name: str, value: Sequence[float], kind: type) -> tuple:
+    if isinstance(value, str | bytes) or len(value) != 2:
+        raise ValueError(f"SRPOSettings.{name}: expected a pair of {kind.__name__}, got {value!r}")
+    try:
+        first, second = (kind(v) for v in value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"SRPOSettings.{name}: expected numbers, got {value!r}") from error
+    if kind is int and any(isinstance(v, float) and not float(v).is_integer() for v in value):
+        raise ValueError(f"SRPOSettings.{name}: expected integers, got {value!r}")
+    return (first, second)
+
+
+@dataclass
+class SRPOSettings:
+    """Hyper-parameters of the SRPO objective; the defaults are the paper's (HPSv2.1 recipe)."""
+
+    timestep_length: int = 1000
+    train_timestep: tuple[int, int] = (5, 25)
+    schedule_steps: int = 50
+    shift: float = 3.0
+    groundtruth_ratio: float = 0.9
+    discount_pos: tuple[float, float] = (0.1, 0.25)
+    discount_inv: tuple[float, float] = (0.3, 0.01)
+    reward_threshold: float = 0.7
+    positive_words: list[str] = field(
+        default_factory=lambda: ["Natural-lighting", "Detail", "Detailed", "Real"]
+    )
+    negative_words: list[str] = field(
+        default_factory=lambda: ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("timestep_length", "schedule_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SRPOSettings.{name}: expected a positive integer, got {value!r}")
+        if self.timestep_length <= 2 * MID_MARGIN:
+            raise ValueError(
+                f"SRPOSettings.timestep_length: expected > {2 * MID_MARGIN} so that a mid index "
+                f"in [{MID_MARGIN}, T - {MID_MARGIN}] exists, got {self.timestep_length}"
+            )
+        self.train_timestep = _pair("train_timestep", self.train_timestep, int)
+        low, high = self.train_timestep
+        if not 0 <= low < high <= self.schedule_steps:
+            raise ValueError(
+                "SRPOSettings.train_timestep: expected 0 <= start < end <= schedule_steps "
+                f"({self.schedule_steps}), got {self.train_timestep}"
+            )
+        if high == self.schedule_steps:
+            raise ValueError(
+                "SRPOSettings.train_timestep: the end index must stay below schedule_steps, "
+                "where sigma = 0 makes the one-shot recovery divide by zero"
+            )
+        for name in ("shift", "groundtruth_ratio", "reward_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"SRPOSettings.{name}: expected a number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.shift <= 0:
+            raise ValueError(f"SRPOSettings.shift: expected > 0, got {self.shift}")
+        if not 0.0 <= self.groundtruth_ratio < 1.0:
+            raise ValueError(
+                f"SRPOSettings.groundtruth_ratio: expected 0 <= ratio < 1, got {self.groundtruth_ratio}"
+            )
+        self.discount_pos = _pair("discount_pos", self.discount_pos, float)
+        self.discount_inv = _pair("discount_inv", self.discount_inv, float)
+        for name in ("positive_words", "negative_words"):
+            words = getattr(self, name)
+            if (
+                isinstance(words, str)
+                or not words
+                or not all(isinstance(w, str) and w.strip() for w in words)
+            ):
+                raise ValueError(
+                    f"SRPOSettings.{name}: expected a non-empty list of words, got {words!r}"
+                )
+            setattr(self, name, list(words))
+
+
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """σ_i = s·t / (1 + (s − 1)·t) with t = 1 − i/N, i = 0..N (SD3 time shift), float32."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift: expected > 0, got {shift}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def euler_rollout(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Integrate the flow from σ₀ to σ_N: x ← x + (σ_{i+1} − σ_i)·velocity(x, σ_i)."""
+    x = noise
+    for i in range(len(sigmas) - 1):
+        step = (sigmas[i + 1] - sigmas[i]).to(x.dtype)
+        x = x + step * velocity(x, float(sigmas[i]))
+    return x
+
+
+def training_sigmas(settings: SRPOSettings) -> torch.Tensor:
+    """σ_l = linspace(σ⁽⁵⁰⁾[a], σ⁽⁵⁰⁾[b], T): the continuous range the branches are drawn from."""
+    coarse = sigma_schedule(settings.schedule_steps, settings.shift)
+    start, end = settings.train_timestep
+    return torch.linspace(
+        float(coarse[start]), float(coarse[end]), settings.timestep_length, dtype=torch.float32
+    )
+
+
+def draw_mid(rng: random.Random, settings: SRPOSettings) -> int:
+    """The per-sample mid index m, uniform in [5, T − 5] (both ends included)."""
+    return rng.randint(MID_MARGIN, settings.timestep_length - MID_MARGIN)
+
+
+def groundtruth_span(mid: int, settings: SRPOSettings) -> int:
+    """k = min(int((1 − ratio)·T) + 1, T − m, m), in floating point as written (100 for paper)."""
+    length = settings.timestep_length
+    return min(int((1 - settings.groundtruth_ratio) * length) + 1, length - mid, mid)
+
+
+class Branch(NamedTuple):
+    """One Direct-Align branch: inject ε at sigma_inject, one model step to sigma_target."""
+
+    name: str
+    mid: int
+    t_start: int
+    t_base: int
+    sigma_inject: torch.Tensor
+    sigma_target: torch.Tensor
+    weight: float
+    positive_first: bool
+
+
+def plan_branches(mid: int, settings: SRPOSettings) -> tuple[Branch, Branch]:
+    """The denoise branch (run first) and the inversion branch for one sample (SPEC §3 step 3)."""
+    length = settings.timestep_length
+    if not MID_MARGIN <= mid <= length - MID_MARGIN:
+        raise ValueError(f"mid: expected {MID_MARGIN} <= mid <= {length - MID_MARGIN}, got {mid}")
+    sigmas = training_sigmas(settings)
+    k = groundtruth_span(mid, settings)
+    pos_weights = torch.linspace(*settings.discount_pos, length, dtype=torch.float32)
+    inv_weights = torch.linspace(*settings.discount_inv, length, dtype=torch.float32)
+
+    t_base, t_start = length - mid, length - min(mid + k, length)
+    denoise = Branch(
+        "denoise", mid, t_start, t_base, sigmas[t_start], sigmas[t_base],
+        float(pos_weights[mid]), positive_first=True,
+    )  # fmt: skip
+    inv_mid = max(mid - k, 1)
+    t_base, t_start = length - inv_mid, length - min(inv_mid + k, length)
+    inversion = Branch(
+        "inversion", inv_mid, t_start, t_base, sigmas[t_base], sigmas[t_start],
+        float(inv_weights[inv_mid]), positive_first=False,
+    )  # fmt: skip
+    return denoise, inversion
+
+
+def direct_align(
+    velocity: Velocity,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma_inject: torch.Tensor,
+    sigma_target: torch.Tensor,
+) -> torch.Tensor:
+    """Inject the known noise, take one model step, recover x̂₀ in one shot.
+
+    x = σ_in·ε + (1 − σ_in)·x₀;  x' = x + (σ_out − σ_in)·v(x, σ_in);
+    x̂₀ = (x' − σ_out·ε) / (1 − σ_out).
+    """
+    x = sigma_inject * noise + (1 - sigma_inject) * x0
+    x_next = x + (sigma_target - sigma_inject) * velocity(x, float(sigma_inject))
+    return (x_next - sigma_target * noise) / (1 - sigma_target)
+
+
+def control_prompts(caption: str, step: int, settings: SRPOSettings) -> tuple[str, str]:
+    """("<positive word>. caption", "<negative word>. caption") for the global step (from 1)."""
+    positive = settings.positive_words[step % len(settings.positive_words)]
+    negative = settings.negative_words[step % len(settings.negative_words)]
+    return f"{positive}. {caption}", f"{negative}. {caption}"
+
+
+class BranchOutput(NamedTuple):
+    loss: torch.Tensor
+    reward: torch.Tensor
+
+
+def branch_loss(
+    branch: Branch,
+    velocity: Velocity,
+    decode: Decode,
+    reward: Reward,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    prompts: tuple[str, str],
+    settings: SRPOSettings,
+) -> BranchOutput:
+    """relu(threshold − r) / 2 for one branch; the inversion branch swaps the prompts' roles."""
+    x0_hat = direct_align(velocity, x0, noise, branch.sigma_inject, branch.sigma_target)
+    image = decode(x0_hat)
+    positive, negative = prompts if branch.positive_first else prompts[::-1]
+    rewards = reward(image, positive, negative, branch.weight)
+    loss = torch.relu(settings.reward_threshold - rewards).mean() / 2
+    return BranchOutput(loss, rewards)
+
+
+def srpo_losses(
+    velocity: Velocity,
+    decode: Decode,
+    reward: Reward,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    mid: int,
+    step: int,
+    caption: str,
+    settings: SRPOSettings,
+) -> dict[str, torch.Tensor]:
+    """Both Direct-Align branches of one sample: {"denoise": loss, "inversion": loss}.
+
+    Each loss is already divided by 2 (the two branches accumulate into one update). The
+    trainer calls `branch_loss` itself so it can backward the first branch before building
+    the second; this function is the same computation in one call.
+    """
+    prompts = control_prompts(caption, step, settings)
+    return {
+        branch.name: branch_loss(
+            branch, velocity, decode, reward, x0, noise, prompts, settings
+        ).loss
+        for branch in plan_branches(mid, settings)
+    }
