@@ -87,7 +87,8 @@ class SRPOSettings:
             raise ValueError(f"SRPOSettings.shift: expected > 0, got {self.shift}")
         if not 0.0 <= self.groundtruth_ratio < 1.0:
             raise ValueError(
-                f"SRPOSettings.groundtruth_ratio: expected 0 <= ratio < 1, got {self.groundtruth_ratio}"
+                "SRPOSettings.groundtruth_ratio: expected 0 <= ratio < 1, "
+                f"got {self.groundtruth_ratio}"
             )
         self.discount_pos = _pair("discount_pos", self.discount_pos, float)
         self.discount_inv = _pair("discount_inv", self.discount_inv, float)

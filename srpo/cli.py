@@ -1,0 +1,140 @@
+"""The `srpo` command: one sub-command per pipeline stage, each a thin call into the package.
+
+User mistakes (a missing file, a bad config value) end as one line on stderr and exit status 2;
+a stop by SIGTERM / SIGUSR1 during training ends with status 75 after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from srpo import __version__
+from srpo.io import InputError
+
+app = typer.Typer(
+    help="SRPO fine-tuning of FLUX: tiny models, text-embedding cache, training, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (InputError, ValueError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"srpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """SRPO (Direct-Align + Semantic Relative Preference Optimization) for FLUX."""
+
+
+@app.command("make-tiny")
+@_one_line_errors
+def make_tiny_command(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (flux/, hpsv2/, pickscore/).")],
+    seed: Annotated[int, typer.Option(help="Seed of every random weight.")] = 0,
+) -> None:
+    """Build tiny random FLUX + reward models in the real on-disk formats (offline, seconds)."""
+    from srpo.tiny import make_tiny
+
+    hashes = make_tiny(out_dir, seed)
+    typer.echo(f"wrote {len(hashes)} files to {out_dir} (manifest.json lists their sha256)")
+
+
+@app.command("encode")
+@_one_line_errors
+def encode_command(
+    base_model: Annotated[str, typer.Option(help="diffusers FLUX folder or hub id.")],
+    prompts: Annotated[Path, typer.Option(help="Prompt file, one prompt per line.")],
+    out_dir: Annotated[Path, typer.Option(help="Cache folder to write (index.json + shards).")],
+    max_sequence_length: Annotated[int, typer.Option(help="T5 tokens per prompt.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Prompts per encoder call.")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (stored dtype).")] = "float32",
+) -> None:
+    """Pre-compute FLUX text conditioning; under torchrun each rank encodes one shard."""
+    from srpo.encode import encode_prompts
+    from srpo.train.parallel import DTYPES
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    index = encode_prompts(
+        base_model, prompts, out_dir, max_sequence_length, batch_size, DTYPES[dtype]
+    )
+    typer.echo(f"wrote {index}")
+
+
+@app.command("train")
+@_one_line_errors
+def train_command(
+    config: Annotated[Path, typer.Option(help="Training config YAML (see config/README.md).")],
+    max_steps: Annotated[
+        int | None, typer.Option(help="Override max_steps (optimizer updates).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the run seed.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Override output_dir.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Resume from the newest complete checkpoint in output_dir.")
+    ] = True,
+    resume_from: Annotated[
+        Path | None, typer.Option(help="Resume from this checkpoint folder instead.")
+    ] = None,
+) -> None:
+    """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
+    from srpo.config import load_train_config
+    from srpo.train.loop import EXIT_PREEMPTED, train
+
+    overrides = {"max_steps": max_steps, "seed": seed}
+    if output_dir is not None:
+        overrides["output_dir"] = str(output_dir)
+    result = train(load_train_config(config, overrides), resume, resume_from)
+    if result.stopped_by_signal is not None:
+        typer.echo(
+            f"stopped by signal {result.stopped_by_signal} after step {result.step}; "
+            f"checkpoint {result.checkpoint}; run again to resume",
+            err=True,
+        )
+        sys.exit(EXIT_PREEMPTED)
+    if result.export is not None:
+        typer.echo(f"trained to step {result.step}; model exported to {result.export}")
+
+
+@app.command("export")
+@_one_line_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A step-NNNNNNNN checkpoint folder.")],
+    base_model: Annotated[str, typer.Option(help="The FLUX base the run started from.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder to write.")],
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "bfloat16",
+) -> None:
+    """Write a checkpoint as a diffusers transformer folder + one safetensors state dict."""
+    from srpo.train.checkpoint import export_checkpoint
+    from srpo.train.parallel import DTYPES
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    typer.echo(f"wrote {export_checkpoint(checkpoint, base_model, out_dir, DTYPES[dtype])}")

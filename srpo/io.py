@@ -1,0 +1,135 @@
+"""Atomic writes, hashing and provenance: every output appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_PACKAGES = (
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "open_clip_torch",
+    "safetensors",
+    "snakemake",
+    "srpo-workflow",
+)
+
+
+class InputError(ValueError):
+    """A user-facing problem with an input file or value; the CLI prints it as one line."""
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; rename it onto `target` only if the block succeeds.
+
+    Works for files and folders: the caller writes whatever it likes at the yielded path.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staged = tmp / target.name
+    try:
+        yield staged
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically, keys sorted, so identical content gives identical bytes."""
+    with atomic_path(Path(path)) as staged:
+        staged.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Relative path → sha256 for every file under `folder` (sorted, hidden temp files skipped)."""
+    folder = Path(folder)
+    if folder.is_file():
+        return {folder.name: sha256_file(folder)}
+    return {
+        str(path.relative_to(folder)): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
+def git_commit(start: Path | None = None) -> str:
+    """The commit of the checkout this code runs from, or "unknown" outside a git checkout."""
+    where = start or Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+def package_versions(names: tuple[str, ...] = PROVENANCE_PACKAGES) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def provenance(config: Any, weights: dict[str, Path] | None = None) -> dict[str, Any]:
+    """What made a result: config, code commit, package versions, host, time, weight hashes."""
+    return {
+        "config": config,
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "host": socket.gethostname(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights": {name: file_hashes(path) for name, path in (weights or {}).items()},
+    }
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per line; an empty line is an error (it would silently shift every index)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prompt file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{path}: expected UTF-8 text, {error.reason} at byte {error.start}"
+        ) from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise InputError(f"{path}:{number}: empty line, expected one prompt per line")
+    if not lines:
+        raise InputError(f"{path}: no prompts, expected one prompt per line")
+    return [line.strip() for line in lines]

@@ -1,0 +1,338 @@
+"""The SRPO trainer: one step = shared-noise rollout + two Direct-Align branches + AdamW.
+
+The global batch of B prompts is the unit. Rank r of W handles samples r·B/W … (r+1)·B/W − 1;
+each local loss is divided by B/W and FSDP2 averages gradients over the W ranks, so the update
+is the mean over the B samples whatever W is (SPEC §3, "Batch 32 means 32 samples").
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from srpo.algorithm import (
+    branch_loss,
+    control_prompts,
+    euler_rollout,
+    plan_branches,
+    sigma_schedule,
+)
+from srpo.config import TrainConfig
+from srpo.encode import EmbeddingCache
+from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, make_velocity
+from srpo.flux import vae_scale_factor as scale_of
+from srpo.io import InputError, provenance
+from srpo.rewards import load_reward
+from srpo.train.checkpoint import Checkpointer, TrainingState, ensure_export
+from srpo.train.data import (
+    batch_prompt_numbers,
+    derive_seed,
+    load_image,
+    offline_images,
+    sample_mid,
+    step_noise,
+)
+from srpo.train.parallel import DTYPES, DistributedContext, shard_transformer
+
+EXIT_PREEMPTED = 75
+"""Exit status after a SIGTERM / SIGUSR1 stop: the step finished and a checkpoint was written;
+run the same command again to resume (EX_TEMPFAIL in sysexits.h)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequested:
+    """Remembers a stop signal; the loop acts on it only between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for number in STOP_SIGNALS:
+            signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        self.signal = number
+
+
+@dataclass
+class StepStats:
+    """Sums over this rank's samples; `reduce` turns them into global means."""
+
+    values: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.values[name] = self.values.get(name, 0.0) + value
+
+    def reduce(self, samples: int, device: torch.device) -> dict[str, float]:
+        names = sorted(self.values)
+        totals = torch.tensor([self.values[n] for n in names], device=device, dtype=torch.float64)
+        dist.all_reduce(totals)
+        return {name: float(total) / samples for name, total in zip(names, totals, strict=True)}
+
+
+class Trainer:
+    """Builds models, optimizer and checkpointer for one run and trains it to `max_steps`."""
+
+    def __init__(self, config: TrainConfig, ctx: DistributedContext) -> None:
+        if config.batch_size % ctx.world_size:
+            raise InputError(
+                f"batch_size: {config.batch_size} prompts cannot be split evenly over "
+                f"{ctx.world_size} processes"
+            )
+        self.config = config
+        self.ctx = ctx
+        self.settings = config.settings()
+        self.local_batch = config.batch_size // ctx.world_size
+        self.output_dir = Path(config.output_dir)
+        self.cache = EmbeddingCache(Path(config.embeddings))
+        self.pool = list(range(len(self.cache)))
+        self.images: dict[int, Path] = {}
+        if config.mode == "offline":
+            if not config.offline_images:
+                raise InputError("offline_images: required when mode is 'offline'")
+            self.images = offline_images(Path(config.offline_images), len(self.cache))
+            self.pool = sorted(self.images)
+
+        param_dtype = DTYPES[config.param_dtype]
+        device = ctx.device
+        vae = load_vae(config.base_model, dtype=param_dtype).to(device)
+        self.geometry = LatentGeometry(config.height, config.width, scale_of(vae))
+        self.vae = FrozenVAE(vae, self.geometry)
+        self.vae.configure_memory(config.vae_tiling, config.vae_slicing)
+        self.reward = load_reward(config.reward.kind, **config.reward.load_arguments()).to(device)
+        transformer = load_transformer(config.base_model).to(device)
+        self.guidance_embeds = bool(transformer.config.guidance_embeds)
+        self.model = shard_transformer(
+            transformer, ctx.mesh(), param_dtype, config.activation_checkpointing
+        )
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=optim.learning_rate,
+            betas=optim.betas,
+            weight_decay=optim.weight_decay,
+            eps=optim.eps,
+        )
+        self.state = TrainingState(self.model, self.optimizer)
+        self.checkpointer = Checkpointer(
+            self.output_dir / "checkpoints", config.keep_last, ctx.rank
+        )
+        self.rollout_sigmas = sigma_schedule(config.rollout_steps, self.settings.shift)
+        self.step = 0
+        self._provenance: dict | None = None
+
+    # ----------------------------------------------------------------- state
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.step * self.config.batch_size,
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "world_size": self.ctx.world_size,
+        }
+
+    def resume(self, checkpoint: Path | None = None) -> Path | None:
+        """Load `checkpoint`, or the newest complete one of this run; None if there is none."""
+        path = checkpoint or self.checkpointer.latest()
+        if path is None:
+            return None
+        saved = self.checkpointer.load(path, self.state)
+        for key in ("batch_size", "seed"):
+            if saved.get(key) != getattr(self.config, key):
+                raise InputError(
+                    f"{path}: checkpoint was written with {key}={saved.get(key)}, the config "
+                    f"says {getattr(self.config, key)}; resume needs the same value"
+                )
+        self.step = int(saved["step"])
+        return path
+
+    def provenance(self) -> dict:
+        if self._provenance is None:
+            base = Path(self.config.base_model)
+            weights = {"embeddings": Path(self.config.embeddings)}
+            if (base / "transformer").is_dir():
+                weights["transformer"] = base / "transformer"
+            reward = self.config.reward
+            for name in ("checkpoint", "model_path"):
+                value = getattr(reward, name)
+                if value and Path(value).exists():
+                    weights[f"reward_{name}"] = Path(value)
+            self._provenance = provenance(self.config.to_dict(), weights)
+        return self._provenance
+
+    def save(self) -> Path:
+        return self.checkpointer.save(
+            self.step, self.state, self.train_state(), self.provenance() if self.ctx.is_main else {}
+        )
+
+    # ------------------------------------------------------------------ step
+    def _x0(self, numbers: list[int], cond_embeds, pooled, text_ids, noise) -> torch.Tensor:
+        """Clean latents the branches start from: rollout (online) or real images (offline)."""
+        if self.config.mode == "offline":
+            images = torch.stack(
+                [load_image(self.images[n], self.config.height, self.config.width) for n in numbers]
+            ).to(self.ctx.device)
+            generator = torch.Generator(self.ctx.device).manual_seed(
+                derive_seed(self.config.seed, "vae", self.step, self.ctx.rank)
+            )
+            return self.vae.encode(images, generator)
+        velocity = make_velocity(
+            self.model,
+            self.geometry,
+            cond_embeds,
+            pooled,
+            text_ids,
+            self.config.rollout_guidance,
+            self.guidance_embeds,
+        )
+        with torch.no_grad():
+            return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
+
+    def train_step(self) -> dict[str, float]:
+        """Advance self.step by one optimizer update; returns global means for logging."""
+        self.step += 1
+        config, device = self.config, self.ctx.device
+        first = self.ctx.rank * self.local_batch
+        samples = range(first, first + self.local_batch)
+        numbers = batch_prompt_numbers(config.seed, self.step, config.batch_size, self.pool)
+        numbers = numbers[first : first + self.local_batch]
+        cond = self.cache.get(numbers).to(device, torch.float32)
+        noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
+        x0 = self._x0(numbers, cond.prompt_embeds, cond.pooled_prompt_embeds, cond.text_ids, noise)
+
+        stats = StepStats()
+        for row, sample in enumerate(samples):
+            mid = sample_mid(config.seed, self.step, sample, self.settings)
+            prompts = control_prompts(cond.captions[row], self.step, self.settings)
+            velocity = make_velocity(
+                self.model,
+                self.geometry,
+                cond.prompt_embeds[row : row + 1],
+                cond.pooled_prompt_embeds[row : row + 1],
+                cond.text_ids,
+                config.train_guidance,
+                self.guidance_embeds,
+            )
+            for branch in plan_branches(mid, self.settings):
+                output = branch_loss(
+                    branch,
+                    velocity,
+                    self.vae.decode,
+                    self.reward.semantic_relative_reward,
+                    x0[row : row + 1],
+                    noise,
+                    prompts,
+                    self.settings,
+                )
+                (output.loss / self.local_batch).backward()
+                stats.add(f"loss/{branch.name}", float(output.loss.detach()))
+                stats.add(f"reward/{branch.name}", float(output.reward.detach().mean()))
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), config.optim.max_grad_norm
+        )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        means = stats.reduce(config.batch_size, device)
+        means["grad_norm"] = float(grad_norm)
+        return means
+
+
+# ---------------------------------------------------------------------- entry
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    export: Path | None
+    stopped_by_signal: int | None
+
+
+def _progress(enabled: bool, total: int, completed: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]SRPO"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+    task = progress.add_task("train", total=total, completed=completed, metrics="")
+    return progress, task
+
+
+def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = None) -> TrainResult:
+    """Train to `config.max_steps`, resuming by itself; stop cleanly on SIGTERM / SIGUSR1."""
+    stop = StopRequested()
+    with DistributedContext.from_environment() as ctx:
+        torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
+        trainer = Trainer(config, ctx)
+        resumed = trainer.resume(resume_from) if (resume or resume_from) else None
+        if ctx.is_main and resumed is not None:
+            print(f"resumed from {resumed} at step {trainer.step}", flush=True)
+        writer = None
+        if ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(trainer.output_dir / "tensorboard"))
+        last_saved = trainer.step if resumed is not None else None
+        progress, task = _progress(ctx.is_main, config.max_steps, trainer.step)
+        stopped: int | None = None
+        with progress:
+            while trainer.step < config.max_steps:
+                started = time.perf_counter()
+                metrics = trainer.train_step()
+                elapsed = time.perf_counter() - started
+                metrics["time/step_s"] = elapsed
+                metrics["throughput/samples_per_s"] = config.batch_size / elapsed
+                if writer is not None and trainer.step % config.log_every == 0:
+                    for name, value in metrics.items():
+                        writer.add_scalar(name, value, trainer.step)
+                    writer.flush()
+                summary = " ".join(
+                    f"{name.split('/')[-1]}={metrics[name]:.4f}"
+                    for name in ("reward/denoise", "reward/inversion", "grad_norm")
+                )
+                progress.update(task, completed=trainer.step, metrics=summary)
+                stop_now = ctx.any(stop.signal is not None)
+                if (
+                    stop_now
+                    or trainer.step % config.checkpoint_every == 0
+                    or trainer.step == config.max_steps
+                ):
+                    trainer.save()
+                    last_saved = trainer.step
+                if stop_now:
+                    stopped = stop.signal or signal.SIGTERM
+                    break
+        if writer is not None:
+            writer.close()
+        if last_saved != trainer.step and trainer.step > 0:
+            trainer.save()
+        checkpoint = trainer.checkpointer.latest()
+        ctx.barrier()
+    export = None
+    if stopped is None and checkpoint is not None and ctx.is_main:
+        export = ensure_export(
+            checkpoint,
+            config.base_model,
+            Path(config.output_dir) / "model",
+            DTYPES[config.export_dtype],
+        )
+    return TrainResult(trainer.step, checkpoint, export, stopped)

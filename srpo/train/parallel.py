@@ -1,0 +1,111 @@
+"""Process group and FSDP2 wrapping: the one code path for CPU (gloo) and GPU (NCCL).
+
+Only the backend and the device differ between a laptop test and a 32-GPU run; the sharding,
+mixed-precision policy and activation checkpointing are the same calls.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DistributedContext:
+    """Rank, world size and device of this process, with a process group it owns.
+
+    Without torchrun's environment a world of one is created on an in-memory store, so the
+    same FSDP2 code runs in a plain `python -m srpo train` as under `torchrun`.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    _owns_group: bool = field(default=False, repr=False)
+
+    @classmethod
+    def from_environment(cls, timeout_minutes: int = 60) -> DistributedContext:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            device, backend = torch.device("cuda", local_rank), "nccl"
+            torch.cuda.set_device(device)
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        owns = False
+        if not dist.is_initialized():
+            timeout = timedelta(minutes=timeout_minutes)
+            if "MASTER_ADDR" in os.environ:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                store = dist.HashStore()
+                dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+            owns = True
+        return cls(rank, world_size, local_rank, device, backend, owns)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (e.g. a stop signal)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def mesh(self) -> DeviceMesh:
+        return init_device_mesh(self.device.type, (self.world_size,))
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+    def __enter__(self) -> DistributedContext:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def shard_transformer(
+    transformer: torch.nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    activation_checkpointing: bool,
+) -> torch.nn.Module:
+    """FSDP2: `fully_shard` each FLUX block, then the root; fp32 master weights and reductions.
+
+    Activation checkpointing uses diffusers' own per-block switch, so parameter names (and
+    therefore checkpoints and exports) stay those of the plain model.
+    """
+    if activation_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32
+    )
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(transformer, mesh=mesh, mp_policy=policy)
+    return transformer
