@@ -1,0 +1,168 @@
+"""HPSv2.1: an open_clip ViT-H-14 fine-tuned on human preferences; score = cosine(image, text).
+
+The real checkpoint `HPS_v2.1_compressed.pt` is `{"state_dict": …}` for open_clip's ViT-H-14.
+A tiny model with the same key layout (ViT-H-14's structure, tiny widths) is built offline by
+`build_tiny` and loads through the very same `load`, via an open_clip model-config JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import open_clip
+import torch
+
+from srpo.io import InputError, atomic_path
+from srpo.rewards.base import RewardModel
+
+CHECKPOINT_NAME = "HPS_v2.1_compressed.pt"
+CONFIG_NAME = "open_clip_config.json"
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+"""ViT-H-14's config (open_clip/model_configs/ViT-H-14.json) with tiny widths and depths."""
+
+
+class HPSv2Reward(RewardModel):
+    """HPSv2.1 towers; the reward and the score are plain cosines (no logit scale)."""
+
+    def __init__(self, model: open_clip.CLIP, tokenizer: open_clip.SimpleTokenizer) -> None:
+        super().__init__(image_size=int(model.visual.image_size[0]))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.freeze()
+
+    @property
+    def score_scale(self) -> float:
+        return 1.0
+
+    @property
+    def reward_scale(self) -> float:
+        return 1.0
+
+    def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+    def _embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(prompts).to(self._device))
+
+
+def _register_config(model_config: Path) -> str:
+    """Register an open_clip model-config JSON and return the model name open_clip gives it."""
+    model_config = Path(model_config)
+    try:
+        config = json.loads(model_config.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{model_config}: cannot read the open_clip model config ({type(error).__name__})"
+        ) from None
+    required = ("embed_dim", "vision_cfg", "text_cfg")
+    if not isinstance(config, dict) or not all(key in config for key in required):
+        raise InputError(
+            f"{model_config}: not an open_clip model config (expected keys {', '.join(required)})"
+        )
+    open_clip.add_model_config(model_config)
+    return model_config.stem
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns "initialized randomly" with pretrained=None; the weights come next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _create(model_name: str) -> open_clip.CLIP:
+    if open_clip.get_model_config(model_name) is None:
+        raise InputError(
+            f"open_clip has no model config named {model_name!r}; pass model_config=<json>"
+        )
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(model_name, pretrained=None)
+    finally:
+        root.removeFilter(quiet)
+
+
+def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
+    expected = f"a torch file holding {{'state_dict': …}} for open_clip {model_name}"
+    if not checkpoint.is_file():
+        raise InputError(f"{checkpoint}: HPSv2.1 checkpoint not found (expected {expected})")
+    try:
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
+        raise InputError(
+            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({reason}); expected {expected}"
+        ) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
+        raise InputError(f"{checkpoint}: no 'state_dict' entry; expected {expected}")
+    return payload["state_dict"]
+
+
+def _check_keys(
+    checkpoint: Path, model_name: str, state: dict[str, torch.Tensor], model: torch.nn.Module
+) -> None:
+    """Say in one line how the checkpoint differs from the model, instead of torch's stack."""
+    reference = model.state_dict()
+    missing = sorted(reference.keys() - state.keys())
+    unexpected = sorted(state.keys() - reference.keys())
+    reshaped = sorted(
+        key
+        for key in reference.keys() & state.keys()
+        if not isinstance(state[key], torch.Tensor) or state[key].shape != reference[key].shape
+    )
+    problems = [
+        f"{len(keys)} {what} (e.g. {keys[0]!r})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
+        if keys
+    ]
+    if problems:
+        raise InputError(
+            f"{checkpoint}: state_dict does not match open_clip {model_name} "
+            f"({len(reference)} keys expected): {'; '.join(problems)}"
+        )
+
+
+def load(
+    checkpoint: Path, model_name: str = "ViT-H-14", model_config: Path | None = None
+) -> HPSv2Reward:
+    """Load HPSv2.1 the way the hpsv2 package does, offline: config, then the state dict."""
+    checkpoint = Path(checkpoint)
+    if model_config is not None:
+        model_name = _register_config(model_config)
+    state = _read_state_dict(checkpoint, model_name)
+    model = _create(model_name)
+    _check_keys(checkpoint, model_name, state, model)
+    model.load_state_dict(state)
+    return HPSv2Reward(model, open_clip.get_tokenizer(model_name))
+
+
+def build_tiny(out_dir: Path, seed: int = 0) -> Path:
+    """Write a random tiny HPSv2.1 (checkpoint + model config) into `out_dir`; return `out_dir`.
+
+    Byte-identical on every run: torch.save goes to memory first, so the zip's record prefix is
+    always `archive/` (saving to a path would name it after the file), and its other records
+    (serialization id included) depend only on the tensors.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / CONFIG_NAME
+    with atomic_path(config_path) as staged:
+        staged.write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
+    model_name = _register_config(config_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _create(model_name)
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict()}, buffer)
+    with atomic_path(out_dir / CHECKPOINT_NAME) as staged:
+        staged.write_bytes(buffer.getvalue())
+    return out_dir

@@ -1,0 +1,128 @@
+"""PickScore: a CLIP-H fine-tuned on Pick-a-Pic, loaded as a transformers `CLIPModel`.
+
+score = logit_scale.exp() · cosine; the training reward uses logit_scale.exp() / 20 (SPEC §3.5,
+the authors' PickScore recipe). Real weights come from a hub id or a local folder; the tiny
+model of `build_tiny` is a `save_pretrained` folder in the same layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    PreTrainedTokenizerBase,
+)
+
+from srpo.io import InputError, atomic_path
+from srpo.rewards.base import RewardModel
+from srpo.text_tokenizers import build_clip_tokenizer
+
+REWARD_LOGIT_DIVISOR = 20.0
+"""The authors' PickScore script scales the reward by logit_scale·(…)/20 (SPEC §3.5)."""
+
+TINY_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "hidden_act": "gelu",
+}
+"""CLIP-H's structure (gelu, pre-norm towers, projections) with tiny widths and depths."""
+
+
+class PickScoreReward(RewardModel):
+    """PickScore's towers; `logit_scale` turns cosines into the published score."""
+
+    def __init__(self, model: CLIPModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(image_size=int(model.config.vision_config.image_size))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.freeze()
+
+    @property
+    def score_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def reward_scale(self) -> torch.Tensor:
+        return self.score_scale / REWARD_LOGIT_DIVISOR
+
+    def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    def _embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts,
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        ).to(self._device)
+        return self.model.get_text_features(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).pooler_output
+
+
+def _reason(path: str | Path, error: Exception) -> str:
+    """One line: whether `path` was a missing folder, then transformers' first line."""
+    lines = str(error).strip().splitlines()
+    detail = lines[0] if lines else type(error).__name__
+    if Path(path).exists():
+        return detail
+    return f"no such folder, and not loadable as a hub id: {detail}"
+
+
+def load(model_path: str | Path, processor_path: str | Path | None = None) -> PickScoreReward:
+    """Load PickScore from hub ids or folders (real: yuvalkirstain/PickScore_v1 and
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K for the processor)."""
+    processor_path = model_path if processor_path is None else processor_path
+    try:
+        model = CLIPModel.from_pretrained(str(model_path))
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{model_path}: cannot load a transformers CLIPModel ({_reason(model_path, error)})"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(processor_path))
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{processor_path}: cannot load a CLIP tokenizer ({_reason(processor_path, error)})"
+        ) from None
+    return PickScoreReward(model, tokenizer)
+
+
+def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> CLIPConfig:
+    text = {
+        **TINY_TOWER,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {**TINY_TOWER, "image_size": 224, "patch_size": 32}
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def build_tiny(out_dir: Path, seed: int = 0) -> Path:
+    """Write a random tiny PickScore folder (model + processor) to `out_dir`, replacing it whole.
+
+    Byte-identical on every run: seeded init, safetensors (sorted keys, no timestamps) and JSON
+    files whose content depends only on the config and the fixed tokenizer.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(_tiny_config(tokenizer))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
+    with atomic_path(out_dir) as staged:
+        model.save_pretrained(staged)
+        processor.save_pretrained(staged)
+    return out_dir
