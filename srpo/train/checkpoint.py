@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -75,6 +76,20 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a failed DCP read: the first rank's own error, not DCP's wrapper text.
+
+    DCP's CheckpointException derives from BaseException and carries per-rank failures.
+    """
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))
+        if isinstance(error, tuple):  # (exception, traceback summary)
+            error = error[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def step_of(path: Path) -> int:
@@ -139,9 +154,8 @@ class Checkpointer:
         try:
             train_state = json.loads((path / TRAIN_STATE).read_text())
             dcp.load({"app": state}, checkpoint_id=str(path))
-        except Exception as error:  # DCP wraps reader errors in several types
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-            raise CheckpointError(f"{path}: checkpoint is unreadable ({reason})") from None
+        except (Exception, CheckpointException) as error:
+            raise CheckpointError(f"{path}: checkpoint is unreadable ({_reason(error)})") from None
         rng_file = path / f"rng-rank{self.rank:05d}.pt"
         if rng_file.is_file():
             restore_rng_states(torch.load(rng_file, weights_only=False))
@@ -170,8 +184,10 @@ def export_checkpoint(
     model_state = model.state_dict()
     try:
         dcp.load({"app": {"model": model_state}}, checkpoint_id=str(checkpoint))
-    except Exception as error:
-        raise CheckpointError(f"{checkpoint}: checkpoint is unreadable ({error})") from None
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(
+            f"{checkpoint}: checkpoint is unreadable ({_reason(error)})"
+        ) from None
     model.load_state_dict(model_state)
     model = model.to(dtype)
     with atomic_path(Path(out_dir)) as staged:

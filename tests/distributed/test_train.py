@@ -1,0 +1,148 @@
+"""The trainer end to end under real torchrun + gloo: global batch, signals, resume, export."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from support import assert_ok, kill_tree, run_env, run_srpo, start_srpo
+
+from srpo.train.checkpoint import PAUSE_ENV, Checkpointer
+
+pytestmark = pytest.mark.distributed
+
+
+def exported(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "diffusion_pytorch_model.safetensors"))
+
+
+def base_model(config: Path) -> Path:
+    return Path(yaml.safe_load(config.read_text())["base_model"])
+
+
+def checkpoints(run_dir: Path) -> Checkpointer:
+    return Checkpointer(run_dir / "checkpoints", keep_last=3, rank=0)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            out, err = process.communicate()
+            raise AssertionError(f"run ended early ({process.returncode}): {out}{err}"[-4000:])
+        if time.monotonic() > deadline:
+            kill_tree(process.pid)
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.1)
+
+
+def test_two_ranks_match_one_rank(write_config, tmp_path):
+    """W processes × B/W samples give the same update as one process × B samples."""
+    one, two = write_config("one", max_steps=2), write_config("two", max_steps=2)
+    assert_ok(run_srpo(one, 1))
+    assert_ok(run_srpo(two, 2))
+    single, double = exported(tmp_path / "one"), exported(tmp_path / "two")
+    base = load_file(str(base_model(one) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert single.keys() == double.keys() == base.keys()
+    assert any(not torch.equal(single[k], base[k]) for k in base), "training changed nothing"
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigterm_then_resume_is_bitwise_equal(write_config, tmp_path):
+    """A real SIGTERM to torchrun mid-run: checkpoint, exit, resume → same bits as no stop."""
+    steps = 6
+    assert_ok(run_srpo(write_config("reference", max_steps=steps), 2))
+
+    config = write_config("stopped", max_steps=steps, checkpoint_every=1)
+    process = start_srpo(config, 2)
+    wait_for(lambda: checkpoints(tmp_path / "stopped").latest() is not None, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "stopped by signal 15" in err, err[-3000:]
+    latest = checkpoints(tmp_path / "stopped").latest()
+    assert latest is not None, err[-3000:]
+    stopped_at = int(latest.name.split("-")[1])
+    assert 1 <= stopped_at < steps, f"stopped at {stopped_at}: too late to test a resume"
+    assert not (tmp_path / "stopped" / "model").exists()
+
+    resumed = run_srpo(config, 2)
+    assert_ok(resumed)
+    assert f"at step {stopped_at}" in resumed.stdout
+    want, got = exported(tmp_path / "reference"), exported(tmp_path / "stopped")
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_kill_during_checkpoint_write_keeps_previous(write_config, tmp_path):
+    """SIGKILL while step 2's checkpoint is written: step 1 stays the newest, and is resumed."""
+    config = write_config("killed", max_steps=3, checkpoint_every=1)
+    root = tmp_path / "killed" / "checkpoints"
+    partial = root / ".step-00000002.partial"
+    process = start_srpo(config, 2, **{PAUSE_ENV: "5"})
+    wait_for(lambda: (partial / "train_state.json").is_file(), process)
+    kill_tree(process.pid)
+    process.communicate(timeout=60)
+    assert checkpoints(tmp_path / "killed").latest() == root / "step-00000001"
+
+    result = run_srpo(config, 2)
+    assert_ok(result)
+    assert "at step 1" in result.stdout
+    assert not partial.exists()
+    assert checkpoints(tmp_path / "killed").latest() == root / "step-00000003"
+
+
+def test_corrupt_checkpoint_is_one_clear_line(write_config, tmp_path):
+    config = write_config("corrupt", max_steps=1)
+    assert_ok(run_srpo(config, 1))
+    latest = checkpoints(tmp_path / "corrupt").latest()
+    for shard in latest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    result = run_srpo(write_config("corrupt", max_steps=2), None)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {latest}: checkpoint is unreadable" + errors[0].split("unreadable")[1]
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_resume_checkpoint(write_config, tmp_path):
+    missing = tmp_path / "nowhere" / "step-00000004"
+    result = run_srpo(write_config("missing"), None, "--resume-from", str(missing))
+    assert result.returncode == 2
+    assert f"error: {missing}: not a complete checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_quick_start_snippet_loads_export(write_config, tmp_path):
+    """The released model's quick start, verbatim, against the tiny base and our export."""
+    config = write_config("quick", max_steps=1)
+    assert_ok(run_srpo(config, 1))
+    ckpt = tmp_path / "quick" / "model" / "diffusion_pytorch_model.safetensors"
+    out = tmp_path / "quick.png"
+    snippet = f"""
+import safetensors.torch
+from diffusers import FluxPipeline
+BASE, CKPT, prompt = {str(base_model(config))!r}, {str(ckpt)!r}, "a cat on a sofa"
+pipe = FluxPipeline.from_pretrained(BASE)
+pipe.transformer.load_state_dict(safetensors.torch.load_file(CKPT))
+image = pipe(prompt, height=64, width=64, num_inference_steps=2, guidance_scale=3.5,
+             max_sequence_length=32).images[0]
+image.save({str(out)!r})
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet], env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert_ok(result)
+    assert Image.open(out).size == (64, 64)
+    folder = tmp_path / "quick" / "model" / "transformer"
+    assert (folder / "config.json").is_file()
+    assert (tmp_path / "quick" / "model" / "provenance.json").is_file()

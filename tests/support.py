@@ -1,0 +1,110 @@
+"""Helpers shared by tests: tiny training configs and `torchrun -m srpo train` launches."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PROMPTS = [
+    "a red fox sitting in the snow",
+    "a lighthouse on a cliff at sunset",
+    "portrait of an old fisherman",
+    "a bowl of ripe oranges on a table",
+    "a futuristic city skyline at night",
+    "a small wooden boat on a calm lake",
+    "a girl reading a book under a tree",
+    "mountains covered in fog at dawn",
+]
+
+
+def tiny_config(models: Path, cache: Path, output_dir: Path, **overrides) -> dict:
+    """The tiny training config: 64×64 px, fp32, HPSv2-layout reward."""
+    config = {
+        "base_model": str(models / "flux"),
+        "embeddings": str(cache),
+        "output_dir": str(output_dir),
+        "reward": {
+            "kind": "hpsv2",
+            "checkpoint": str(models / "hpsv2" / "HPS_v2.1_compressed.pt"),
+            "model_name": "tiny-ViT-H-14",
+            "model_config_path": str(models / "hpsv2" / "open_clip_config.json"),
+        },
+        "srpo": {},
+        "optim": {"learning_rate": 1e-3},
+        "batch_size": 2,
+        "max_steps": 3,
+        "height": 64,
+        "width": 64,
+        "rollout_steps": 4,
+        "seed": 7,
+        "param_dtype": "float32",
+        "export_dtype": "float32",
+        "checkpoint_every": 100,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
+    return config
+
+
+def srpo_command(config: Path, nproc: int | None, *extra: str) -> list[str]:
+    """`torchrun --nproc-per-node N -m srpo train …` as users launch it; nproc None: no torchrun."""
+    train = ["-m", "srpo", "train", "--config", str(config), *extra]
+    if nproc is None:
+        return [sys.executable, *train]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc-per-node", str(nproc), "--standalone", *train]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
+
+
+def run_srpo(
+    config: Path, nproc: int | None, *extra: str, **env: str
+) -> subprocess.CompletedProcess:
+    """Run a training launch to completion, capturing its output."""
+    return subprocess.run(
+        srpo_command(config, nproc, *extra),
+        cwd=REPO,
+        env=run_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def start_srpo(config: Path, nproc: int, **env: str) -> subprocess.Popen:
+    """Start a training launch in its own session (so a test can kill the whole group)."""
+    return subprocess.Popen(
+        srpo_command(config, nproc),
+        cwd=REPO,
+        env=run_env(**env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a node failure or Slurm would.
+
+    torchrun starts its workers in sessions of their own, so killing its group is not enough.
+    """
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            continue
