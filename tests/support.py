@@ -30,7 +30,6 @@ def tiny_config(models: Path, cache: Path, output_dir: Path, **overrides) -> dic
         "reward": {
             "kind": "hpsv2",
             "checkpoint": str(models / "hpsv2" / "HPS_v2.1_compressed.pt"),
-            "model_name": "tiny-ViT-H-14",
             "model_config_path": str(models / "hpsv2" / "open_clip_config.json"),
         },
         "srpo": {},

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,16 +181,17 @@ def export_checkpoint(
     config = FluxTransformer2DModel.load_config(base_model, subfolder="transformer")
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
-    model = model.to_empty(device="cpu")
-    model_state = model.state_dict()
+    model_state = {
+        name: torch.empty_like(tensor, device="cpu") for name, tensor in model.state_dict().items()
+    }
     try:
-        dcp.load({"app": {"model": model_state}}, checkpoint_id=str(checkpoint))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"app": {"model": model_state}}, checkpoint_id=str(checkpoint))
     except (Exception, CheckpointException) as error:
-        raise CheckpointError(
-            f"{checkpoint}: checkpoint is unreadable ({_reason(error)})"
-        ) from None
-    model.load_state_dict(model_state)
-    model = model.to(dtype)
+        reason = _reason(error)
+        raise CheckpointError(f"{checkpoint}: checkpoint is unreadable ({reason})") from None
+    model.load_state_dict({k: v.to(dtype) for k, v in model_state.items()}, assign=True)
     with atomic_path(Path(out_dir)) as staged:
         model.save_pretrained(staged / "transformer", safe_serialization=True)
         save_file(

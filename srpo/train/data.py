@@ -51,7 +51,10 @@ def batch_prompt_numbers(seed: int, step: int, batch_size: int, pool: Sequence[i
 
 
 def offline_images(folder: Path, prompt_count: int) -> dict[int, Path]:
-    """Offline mode's real images, named by the prompt number they illustrate (`12.png`)."""
+    """Offline mode's real images, named by the prompt number they illustrate (`12.png`).
+
+    Each file is opened once here, so a broken image stops the run before training starts.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: offline image folder not found")
@@ -64,6 +67,11 @@ def offline_images(folder: Path, prompt_count: int) -> dict[int, Path]:
                 f"{path}: expected a file named <prompt number>.png with a number below "
                 f"{prompt_count} (the prompts in the embedding cache)"
             )
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError) as error:
+            raise InputError(f"{path}: unreadable image ({error})") from None
         images[int(path.stem)] = path
     if not images:
         raise InputError(f"{folder}: no images (expected <prompt number>.png files)")

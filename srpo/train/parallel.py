@@ -7,6 +7,7 @@ mixed-precision policy and activation checkpointing are the same calls.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -96,16 +97,23 @@ def shard_transformer(
 ) -> torch.nn.Module:
     """FSDP2: `fully_shard` each FLUX block, then the root; fp32 master weights and reductions.
 
+    Blocks keep the compute dtype between them; only the root casts its output back to fp32,
+    so the Euler and Direct-Align arithmetic outside the model stays in fp32.
+
     Activation checkpointing uses diffusers' own per-block switch, so parameter names (and
     therefore checkpoints and exports) stay those of the plain model.
     """
     if activation_checkpointing:
         transformer.enable_gradient_checkpointing()
-    policy = MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32
-    )
+    # diffusers' blocks return views that no code modifies in place; the gradients equal plain
+    # autograd (tests/distributed/test_learning.py), so FSDP2's caution is noise here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(transformer, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32
+    )
+    fully_shard(transformer, mesh=mesh, mp_policy=root_policy)
     return transformer

@@ -79,6 +79,8 @@ def test_sigterm_then_resume_is_bitwise_equal(write_config, tmp_path):
     want, got = exported(tmp_path / "reference"), exported(tmp_path / "stopped")
     for name in want:
         assert torch.equal(want[name], got[name]), name
+    kept = [path.name for path in checkpoints(tmp_path / "stopped").complete()]
+    assert kept == [f"step-{step:08d}" for step in range(steps - 2, steps + 1)]  # keep_last=3
 
 
 def test_kill_during_checkpoint_write_keeps_previous(write_config, tmp_path):

@@ -1,0 +1,78 @@
+"""Config validation: every mistake is one line naming the file and the key."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from support import REPO, run_env
+
+from srpo.config import load_train_config
+from srpo.io import InputError
+
+MINIMAL = {"base_model": "m", "embeddings": "e/index.json", "output_dir": "o"}
+
+
+def write(tmp_path, payload) -> str:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(payload) if isinstance(payload, dict) else payload)
+    return path
+
+
+def test_defaults_are_the_paper_setting(tmp_path):
+    config = load_train_config(write(tmp_path, MINIMAL))
+    assert (config.batch_size, config.max_steps, config.height, config.width) == (32, 19, 720, 720)
+    assert (config.rollout_steps, config.rollout_guidance, config.train_guidance) == (25, 1.0, 3.5)
+    assert config.optim.learning_rate == 5e-6 and config.optim.max_grad_norm == 0.1
+    assert config.optim.betas == (0.9, 0.999) and config.optim.weight_decay == 1e-4
+    assert config.seed == 42 and config.reward.kind == "hpsv2"
+    assert config.settings().groundtruth_ratio == 0.9
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({**MINIMAL, "batch_size": "many"}, "batch_size: Input should be a valid integer"),
+        ({**MINIMAL, "batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
+        ({**MINIMAL, "height": 100}, "height: Input should be a multiple of 16"),
+        ({**MINIMAL, "learning_rate": 1.0}, "learning_rate: unknown key"),
+        ({**MINIMAL, "optim": {"learning_rate": -1}}, "optim.learning_rate: Input should be"),
+        ({"base_model": "m", "embeddings": "e"}, "output_dir: required key is missing"),
+        ({**MINIMAL, "reward": {"kind": "clip"}}, "reward.kind: Input should be 'hpsv2'"),
+        ({**MINIMAL, "srpo": {"groundtruth_ratio": 2}}, "srpo: SRPOSettings.groundtruth_ratio"),
+        ({**MINIMAL, "srpo": {"k": 1}}, "srpo: unknown key(s) ['k']"),
+        ({**MINIMAL, "mode": "sometimes"}, "mode: Input should be 'online' or 'offline'"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, payload, message):
+    path = write(tmp_path, payload)
+    with pytest.raises(InputError) as error:
+        load_train_config(path)
+    assert str(error.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(InputError, match="config file not found"):
+        load_train_config(tmp_path / "absent.yaml")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_train_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(InputError, match="expected a mapping"):
+        load_train_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_take_precedence(tmp_path):
+    config = load_train_config(write(tmp_path, MINIMAL), {"max_steps": 3, "seed": None})
+    assert config.max_steps == 3 and config.seed == 42
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "batch_size": -4})
+    result = subprocess.run(
+        [sys.executable, "-m", "srpo", "train", "--config", str(path)],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: batch_size: Input should be greater than or equal to 1"
+    ]
