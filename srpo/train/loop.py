@@ -310,6 +310,9 @@ def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = N
                     for name in ("reward/denoise", "reward/inversion", "grad_norm")
                 )
                 progress.update(task, completed=trainer.step, metrics=summary)
+                if ctx.is_main and not progress.console.is_terminal:
+                    line = f"step {trainer.step}/{config.max_steps} {summary} {elapsed:.2f}s"
+                    print(line, flush=True)
                 stop_now = ctx.any(stop.signal is not None)
                 if (
                     stop_now
