@@ -138,3 +138,63 @@ def export_command(
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     typer.echo(f"wrote {export_checkpoint(checkpoint, base_model, out_dir, DTYPES[dtype])}")
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """KEY=VALUE options → dict; a value without '=' is a one-line error naming the option."""
+    pairs = {}
+    for value in values or []:
+        key, separator, rest = value.partition("=")
+        if not separator or not key or not rest:
+            raise InputError(f"{option}: expected KEY=VALUE, got {value!r}")
+        pairs[key] = rest
+    return pairs
+
+
+@app.command("score")
+@_one_line_errors
+def score_command(
+    samples: Annotated[Path, typer.Option(help="A gathered `srpo sample` folder.")],
+    metric: Annotated[str, typer.Option(help="hpsv2, hpsv3, aesthetic, pickscore or imagereward.")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write (a CSV is written beside).")],
+    model: Annotated[str, typer.Option(help="Label of the sampled model in the tables.")],
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(help="Metric weights as KEY=PATH, repeatable (e.g. checkpoint=HPS.pt)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per metric call.")] = 8,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: auto).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+) -> None:
+    """Score every image of a sample folder with one metric: one row per image."""
+    from srpo.score import score_folder
+    from srpo.train.parallel import DTYPES
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    weights = _pairs(weight, "--weight")
+    score_folder(samples, metric, out, model, weights, batch_size, device, DTYPES[dtype])
+
+
+@app.command("report")
+@_one_line_errors
+def report_command(
+    scores: Annotated[list[Path], typer.Option(help="`srpo score` parquet files, repeatable.")],
+    baseline: Annotated[str, typer.Option(help="Model label the others are compared with.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for report.md, tables/, figures/.")],
+    samples: Annotated[
+        list[str] | None, typer.Option(help="LABEL=DIR sample folders for the image grid.")
+    ] = None,
+    training_run: Annotated[
+        list[str] | None, typer.Option(help="LABEL=DIR TensorBoard folders for curves.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="Config to record in provenance.")] = None,
+    precision: Annotated[int, typer.Option(help="Decimals in the tables.")] = 4,
+) -> None:
+    """Paper-style tables (Markdown, LaTeX, CSV), figures and provenance from score files."""
+    from srpo.report import write_report
+
+    sample_dirs = {k: Path(v) for k, v in _pairs(samples, "--samples").items()}
+    runs = {k: Path(v) for k, v in _pairs(training_run, "--training-run").items()}
+    report = write_report(scores, baseline, out_dir, sample_dirs, runs, config, precision)
+    typer.echo(f"wrote {report}")

@@ -1,0 +1,132 @@
+"""Score a folder of sampled images with one metric: one parquet (and CSV) row per image."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from srpo.io import InputError, atomic_path
+
+SCORE_COLUMNS = (
+    "prompt_id",
+    "style",
+    "prompt",
+    "image",
+    "score",
+    "model",
+    "metric",
+    "metric_version",
+    "checkpoint_sha256",
+)
+
+
+@dataclass(frozen=True)
+class SampledImage:
+    prompt_id: int
+    style: str
+    prompt: str
+    path: Path
+
+
+def read_sample_manifest(sample_dir: Path) -> list[SampledImage]:
+    """The images of a gathered `srpo sample` folder, in prompt order."""
+    sample_dir = Path(sample_dir)
+    manifest = sample_dir / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: sample manifest not found (run `srpo gather-samples`)")
+    try:
+        entries = json.loads(manifest.read_text())["images"]
+        images = [
+            SampledImage(
+                int(e["prompt_id"]), str(e["style"]), str(e["prompt"]), sample_dir / e["file"]
+            )
+            for e in entries
+        ]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise InputError(f"{manifest}: not a valid sample manifest ({error!r})") from None
+    for image in images:
+        if not image.path.is_file():
+            raise InputError(f"{image.path}: image listed in {manifest} is missing")
+    return sorted(images, key=lambda image: image.prompt_id)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise InputError(f"{path}: unreadable image, expected a PNG ({error})") from None
+
+
+def score_images(
+    metric, images: Sequence[SampledImage], batch_size: int, progress: bool = True
+) -> list[float]:
+    """metric.score over batches, with a progress bar."""
+    from rich.progress import track
+
+    scores: list[float] = []
+    batches = range(0, len(images), batch_size)
+    for start in track(batches, description=f"scoring {metric.name}", disable=not progress):
+        batch = images[start : start + batch_size]
+        pixels = [open_rgb(image.path) for image in batch]
+        with torch.no_grad():
+            scores.extend(float(s) for s in metric.score(pixels, [image.prompt for image in batch]))
+    return scores
+
+
+def write_table(frame: pd.DataFrame, out_path: Path) -> None:
+    """Parquet at `out_path` and the same rows as CSV beside it, each written atomically."""
+    out_path = Path(out_path)
+    with atomic_path(out_path) as staged:
+        frame.to_parquet(staged, index=False)
+    with atomic_path(out_path.with_suffix(".csv")) as staged:
+        frame.to_csv(staged, index=False)
+
+
+def score_folder(
+    sample_dir: Path,
+    metric_name: str,
+    out_path: Path,
+    model_label: str,
+    weights: dict[str, str],
+    batch_size: int = 8,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> pd.DataFrame:
+    """Score every image of `sample_dir` with `metric_name`; write parquet + CSV."""
+    from srpo.rewards.metric import load_metric
+
+    started = time.perf_counter()
+    images = read_sample_manifest(sample_dir)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    metric = load_metric(metric_name, device=target, dtype=dtype, **weights)
+    scores = score_images(metric, images, batch_size)
+    checkpoint = json.dumps(metric.checkpoint_sha256, sort_keys=True)
+    frame = pd.DataFrame(
+        {
+            "prompt_id": [image.prompt_id for image in images],
+            "style": [image.style for image in images],
+            "prompt": [image.prompt for image in images],
+            "image": [str(image.path) for image in images],
+            "score": scores,
+            "model": model_label,
+            "metric": metric.name,
+            "metric_version": metric.version,
+            "checkpoint_sha256": checkpoint,
+        },
+        columns=list(SCORE_COLUMNS),
+    )
+    write_table(frame, out_path)
+    elapsed = time.perf_counter() - started
+    print(
+        f"{metric.version} on {model_label}: {len(frame)} images, mean {frame.score.mean():.4f} "
+        f"± {frame.score.std(ddof=1) if len(frame) > 1 else 0.0:.4f} ({elapsed:.1f} s) → {out_path}"
+    )
+    return frame
