@@ -58,12 +58,43 @@ def write_json(path: Path, payload: Any) -> None:
         staged.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+HASH_CACHE_ENV = "SRPO_HASH_CACHE"
+"""Where sha256 results of large files are remembered (default ~/.cache/srpo/sha256.json)."""
+CACHE_MIN_BYTES = 64 << 20
+"""Files smaller than this are always hashed afresh: cheaper than a cache lookup is wrong."""
+
+
+def _hash_cache_path() -> Path:
+    default = Path.home() / ".cache" / "srpo" / "sha256.json"
+    return Path(os.environ.get(HASH_CACHE_ENV, default))
+
+
+def _hash_bytes(path: Path, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file; for large files (real FLUX weights: 24 GB) the result is cached by
+    (absolute path, size, mtime), so provenance does not re-read the weights on every run."""
+    path = Path(path)
+    status = path.stat()
+    if status.st_size < CACHE_MIN_BYTES:
+        return _hash_bytes(path)
+    key = f"{path.resolve()}|{status.st_size}|{status.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        cache[key] = _hash_bytes(path)
+        with contextlib.suppress(OSError):
+            write_json(cache_file, cache)
+    return cache[key]
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
