@@ -198,3 +198,89 @@ def report_command(
     runs = {k: Path(v) for k, v in _pairs(training_run, "--training-run").items()}
     report = write_report(scores, baseline, out_dir, sample_dirs, runs, config, precision)
     typer.echo(f"wrote {report}")
+
+
+@app.command("sample")
+@_one_line_errors
+def sample_command(
+    base_model: Annotated[str, typer.Option(help="diffusers FLUX folder or hub id.")],
+    prompts: Annotated[
+        Path, typer.Option(help="Evaluation prompts: CSV prompt_id,style,prompt or .txt.")
+    ],
+    out_dir: Annotated[Path, typer.Option(help="Folder for images/, manifests/ (shared).")],
+    transformer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Trained transformer: an exported diffusion_pytorch_model.safetensors or a "
+            "diffusers transformer folder; default: the base model's."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Global seed; each prompt's seed is derived from it.")
+    ] = 42,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="FLUX guidance scale.")] = 3.5,
+    height: Annotated[int, typer.Option(help="Image height in pixels (multiple of 16).")] = 1024,
+    width: Annotated[int, typer.Option(help="Image width in pixels (multiple of 16).")] = 1024,
+    max_sequence_length: Annotated[int, typer.Option(help="T5 tokens per prompt.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Prompts per pipeline call.")] = 1,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float32 or bfloat16; default bfloat16 on a GPU, float32 on the CPU."),
+    ] = None,
+    shard: Annotated[
+        str, typer.Option(help="i/n: sample batches i, i+n, … of the prompt list.")
+    ] = "0/1",
+) -> None:
+    """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard."""
+    from srpo.sample import SampleSettings, parse_shard, sample_images
+
+    settings = SampleSettings(
+        steps=steps,
+        guidance=guidance,
+        height=height,
+        width=width,
+        max_sequence_length=max_sequence_length,
+        seed=seed,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    result = sample_images(base_model, prompts, out_dir, settings, transformer, parse_shard(shard))
+    typer.echo(result.summary())
+
+
+@app.command("gather-samples")
+@_one_line_errors
+def gather_samples_command(
+    out_dir: Annotated[Path, typer.Argument(help="The --out-dir every shard sampled into.")],
+) -> None:
+    """Check that every prompt has its image and merge the shard manifests into manifest.json."""
+    from srpo.sample import gather_manifests
+
+    typer.echo(f"wrote {gather_manifests(out_dir)}")
+
+
+@app.command("prepare-prompts")
+@_one_line_errors
+def prepare_prompts_command(
+    out_dir: Annotated[Path, typer.Option(help="Folder for train.txt, eval.csv, manifest.json.")],
+    source: Annotated[
+        str, typer.Option(help="bundled (offline set), local (HPDv2 folder) or hub (ymhao/HPDv2).")
+    ] = "bundled",
+    path: Annotated[str | None, typer.Option(help="HPDv2 folder when --source local.")] = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Keep at most this many training prompts.")
+    ] = None,
+    eval_per_style: Annotated[
+        int | None, typer.Option(help="Keep at most this many benchmark prompts per style.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the subsampling.")] = 42,
+) -> None:
+    """HPD prompts: deduplicated training prompts and the HPDv2 benchmark prompts by style."""
+    from srpo.hpd import prepare_prompts
+
+    manifest = prepare_prompts(out_dir, source, path, train_limit, eval_per_style, seed)
+    counts = manifest["counts"]
+    typer.echo(
+        f"wrote {counts['train']} training and {counts['eval']} evaluation prompts to {out_dir}"
+    )
