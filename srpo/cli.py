@@ -97,6 +97,8 @@ def train_command(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the run seed.")] = None,
     output_dir: Annotated[Path | None, typer.Option(help="Override output_dir.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Override base_model.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Override embeddings.")] = None,
     resume: Annotated[
         bool, typer.Option(help="Resume from the newest complete checkpoint in output_dir.")
     ] = True,
@@ -108,9 +110,13 @@ def train_command(
     from srpo.config import load_train_config
     from srpo.train.loop import EXIT_PREEMPTED, train
 
-    overrides = {"max_steps": max_steps, "seed": seed}
-    if output_dir is not None:
-        overrides["output_dir"] = str(output_dir)
+    overrides = {
+        "max_steps": max_steps,
+        "seed": seed,
+        "base_model": base_model,
+        "output_dir": str(output_dir) if output_dir else None,
+        "embeddings": str(embeddings) if embeddings else None,
+    }
     result = train(load_train_config(config, overrides), resume, resume_from)
     if result.stopped_by_signal is not None:
         typer.echo(
@@ -154,10 +160,11 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
 @app.command("score")
 @_one_line_errors
 def score_command(
-    samples: Annotated[Path, typer.Option(help="A gathered `srpo sample` folder.")],
+    samples: Annotated[
+        list[str], typer.Option(help="LABEL=DIR: a gathered `srpo sample` folder, repeatable.")
+    ],
     metric: Annotated[str, typer.Option(help="hpsv2, hpsv3, aesthetic, pickscore or imagereward.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write (a CSV is written beside).")],
-    model: Annotated[str, typer.Option(help="Label of the sampled model in the tables.")],
     weight: Annotated[
         list[str] | None,
         typer.Option(help="Metric weights as KEY=PATH, repeatable (e.g. checkpoint=HPS.pt)."),
@@ -166,14 +173,15 @@ def score_command(
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: auto).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
 ) -> None:
-    """Score every image of a sample folder with one metric: one row per image."""
-    from srpo.score import score_folder
+    """Score the sampled images of one or more models with one metric: a row per image."""
+    from srpo.score import score_folders
     from srpo.train.parallel import DTYPES
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    folders = {label: Path(folder) for label, folder in _pairs(samples, "--samples").items()}
     weights = _pairs(weight, "--weight")
-    score_folder(samples, metric, out, model, weights, batch_size, device, DTYPES[dtype])
+    score_folders(folders, metric, out, weights, batch_size, device, DTYPES[dtype])
 
 
 @app.command("report")

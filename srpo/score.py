@@ -90,43 +90,51 @@ def write_table(frame: pd.DataFrame, out_path: Path) -> None:
         frame.to_csv(staged, index=False)
 
 
-def score_folder(
-    sample_dir: Path,
+def score_folders(
+    samples: dict[str, Path],
     metric_name: str,
     out_path: Path,
-    model_label: str,
     weights: dict[str, str],
     batch_size: int = 8,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> pd.DataFrame:
-    """Score every image of `sample_dir` with `metric_name`; write parquet + CSV."""
+    """Score the images of every model's sample folder with one metric (loaded once).
+
+    `samples` maps a model label (the name in the tables) to a gathered `srpo sample` folder.
+    Writes one parquet + CSV with a row per (model, image).
+    """
     from srpo.rewards.metric import load_metric
 
+    if not samples:
+        raise InputError("--samples: expected at least one LABEL=DIR")
     started = time.perf_counter()
-    images = read_sample_manifest(sample_dir)
+    folders = {label: read_sample_manifest(folder) for label, folder in samples.items()}
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     metric = load_metric(metric_name, device=target, dtype=dtype, **weights)
-    scores = score_images(metric, images, batch_size)
     checkpoint = json.dumps(metric.checkpoint_sha256, sort_keys=True)
-    frame = pd.DataFrame(
-        {
-            "prompt_id": [image.prompt_id for image in images],
-            "style": [image.style for image in images],
-            "prompt": [image.prompt for image in images],
-            "image": [str(image.path) for image in images],
-            "score": scores,
-            "model": model_label,
-            "metric": metric.name,
-            "metric_version": metric.version,
-            "checkpoint_sha256": checkpoint,
-        },
-        columns=list(SCORE_COLUMNS),
-    )
+    frames = []
+    for label, images in folders.items():
+        frames.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": [image.prompt_id for image in images],
+                    "style": [image.style for image in images],
+                    "prompt": [image.prompt for image in images],
+                    "image": [str(image.path) for image in images],
+                    "score": score_images(metric, images, batch_size),
+                    "model": label,
+                    "metric": metric.name,
+                    "metric_version": metric.version,
+                    "checkpoint_sha256": checkpoint,
+                },
+                columns=list(SCORE_COLUMNS),
+            )
+        )
+    frame = pd.concat(frames, ignore_index=True)
     write_table(frame, out_path)
     elapsed = time.perf_counter() - started
-    print(
-        f"{metric.version} on {model_label}: {len(frame)} images, mean {frame.score.mean():.4f} "
-        f"± {frame.score.std(ddof=1) if len(frame) > 1 else 0.0:.4f} ({elapsed:.1f} s) → {out_path}"
-    )
+    means = frame.groupby("model", sort=False)["score"].mean()
+    summary = ", ".join(f"{label} {mean:.4f}" for label, mean in means.items())
+    print(f"{metric.version}: {len(frame)} images ({summary}) in {elapsed:.1f} s → {out_path}")
     return frame
