@@ -1,0 +1,30 @@
+"""srpo-workflow: HPD prompts → text embeddings → SRPO training → sampling → scores → report.
+
+Run from the repository root: `snakemake --cores 2` (embedded tiny default) or
+`snakemake --profile slurm --configfile config/paper.yaml` (paper reproduction on Slurm).
+"""
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/prompts.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{OUT}/report/report.md",

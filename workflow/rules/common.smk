@@ -1,0 +1,81 @@
+"""Config validation and every piece of Python the rules use; rules hold no logic."""
+
+import os
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RUN = config["run"]
+OUT = f"results/{RUN}"
+MODELS = ("base", "srpo")
+SHARDS = config["sample"]["shards"]
+EXPORT = f"{OUT}/train/model/diffusion_pytorch_model.safetensors"
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    shard=r"\d+",
+
+
+def base_model():
+    """The FLUX base: the tiny one this workflow builds, or the configured folder / hub id."""
+    if config["tiny_models"]:
+        return f"{OUT}/models/flux"
+    if not config.get("base_model"):
+        raise ValueError("config: base_model is required when tiny_models is false")
+    return config["base_model"]
+
+
+def model_files():
+    """Inputs that make the base model exist (the tiny build) — nothing for real weights."""
+    return [f"{OUT}/models/manifest.json"] if config["tiny_models"] else []
+
+
+def image(env):
+    """The pinned image of an environment (config `containers`), used with --sdm apptainer."""
+    return config["containers"][env]
+
+
+def resources(rule_name, key):
+    table = config["resources"]
+    return {**table["default"], **table.get(rule_name, {})}[key]
+
+
+def launcher(procs):
+    """`srpo` for one process, `torchrun … -m srpo` for several (one node)."""
+    if procs <= 1:
+        return "srpo"
+    return f"torchrun --standalone --nproc-per-node {procs} -m srpo"
+
+
+def transformer_option(wildcards):
+    return "" if wildcards.model == "base" else f"--transformer {EXPORT}"
+
+
+def transformer_input(wildcards):
+    return [] if wildcards.model == "base" else [EXPORT]
+
+
+def model_label(model):
+    return config["report"]["baseline" if model == "base" else "trained"]
+
+
+def metric_weights(metric):
+    weights = config["metrics"][metric]["weights"]
+    return " ".join(f"--weight {key}={value}" for key, value in weights.items())
+
+
+def metric_files(metric):
+    """The tiny build when the metric's weights come from it; real weights are not tracked."""
+    weights = config["metrics"][metric]["weights"].values()
+    local = [w for w in weights if w.startswith(f"{OUT}/models/")]
+    return model_files() if local else []
+
+
+def samples_option():
+    return " ".join(f"--samples {model_label(m)}={OUT}/samples/{m}" for m in MODELS)
+
+
+def score_files():
+    return [f"{OUT}/scores/{metric}.parquet" for metric in config["metrics"]]

@@ -1,0 +1,25 @@
+rule train_srpo:
+    input:
+        embeddings=f"{OUT}/embeddings/index.json",
+        config=config["train"]["config"],
+        models=model_files(),
+    output:
+        model=EXPORT,
+    log:
+        f"{OUT}/logs/train_srpo.log",
+    benchmark:
+        f"{OUT}/benchmarks/train_srpo.tsv"
+    container:
+        image("main")
+    resources:
+        mem_mb=resources("train_srpo", "mem_mb"),
+        runtime=resources("train_srpo", "runtime"),
+        cpus_per_task=resources("train_srpo", "cpus"),
+        gpu=resources("train_srpo", "gpu"),
+    params:
+        launch=launcher(config["train"].get("nproc_per_node", 1)),
+        base=base_model(),
+        folder=lambda wildcards, output: os.path.dirname(os.path.dirname(output.model)),
+    shell:
+        "{params.launch} train --config {input.config} --base-model {params.base}"
+        " --embeddings {input.embeddings} --output-dir {params.folder} > {log} 2>&1"
