@@ -111,7 +111,7 @@ def score_folders(
     started = time.perf_counter()
     folders = {label: read_sample_manifest(folder) for label, folder in samples.items()}
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    metric = load_metric(metric_name, device=target, dtype=dtype, **weights)
+    metric = load_metric(metric_name, target, dtype, batch_size, **weights)
     checkpoint = json.dumps(metric.checkpoint_sha256, sort_keys=True)
     frames = []
     for label, images in folders.items():

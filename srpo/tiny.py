@@ -148,17 +148,18 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
 
 
 def make_tiny(out_dir: Path, seed: int = 0) -> dict[str, str]:
-    """Build every tiny model (FLUX, HPSv2, PickScore) under `out_dir` and pin them in a manifest.
+    """Build every tiny model (FLUX and the scorers) under `out_dir` and pin them in a manifest.
 
     `manifest.json` is written last, so its presence means the whole set is complete.
     """
-    from srpo.rewards import hpsv2, pickscore
+    from srpo.rewards import aesthetic, hpsv2, pickscore
 
     out_dir = Path(out_dir)
     builders = {
         "flux": build_tiny_flux,
         "hpsv2": hpsv2.build_tiny,
         "pickscore": pickscore.build_tiny,
+        "aesthetic": aesthetic.build_tiny,
     }
     hashes: dict[str, str] = {}
     for name, build in builders.items():

@@ -3,6 +3,7 @@
 The real checkpoint `HPS_v2.1_compressed.pt` is `{"state_dict": …}` for open_clip's ViT-H-14.
 A tiny model with the same key layout (ViT-H-14's structure, tiny widths) is built offline by
 `build_tiny` and loads through the very same `load`, via an open_clip model-config JSON.
+`load_metric` wraps the same towers for evaluation, with the hpsv2 package's own preprocessing.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import open_clip
 import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
-from srpo.io import InputError, atomic_path
-from srpo.rewards.base import RewardModel
+from srpo.io import InputError, atomic_path, sha256_file
+from srpo.rewards.base import CLIP_MEAN, CLIP_STD, RewardModel
+from srpo.rewards.metric import CosineMetric
 
 CHECKPOINT_NAME = "HPS_v2.1_compressed.pt"
 CONFIG_NAME = "open_clip_config.json"
@@ -91,6 +97,11 @@ def _create(model_name: str) -> open_clip.CLIP:
         root.removeFilter(quiet)
 
 
+def _summary(error: Exception) -> str:
+    """The first sentence of an error: torch's load errors run to many lines of advice."""
+    return str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
+
+
 def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
     expected = f"a torch file holding {{'state_dict': …}} for open_clip {model_name}"
     if not checkpoint.is_file():
@@ -98,9 +109,8 @@ def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tenso
     try:
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
         raise InputError(
-            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({reason}); expected {expected}"
+            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({_summary(error)}); expected {expected}"
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         raise InputError(f"{checkpoint}: no 'state_dict' entry; expected {expected}")
@@ -145,12 +155,63 @@ def load(
     return HPSv2Reward(model, open_clip.get_tokenizer(model_name))
 
 
+def eval_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """The hpsv2 package's evaluation transform (`light_augmentation=True`) on one PIL image.
+
+    Its `ResizeMaxSize`: to a float tensor first, then a bicubic (antialiased) tensor resize of
+    the LONGEST side to `size`, zero padding centred to size×size, OpenAI mean/std — no crop, so
+    the whole picture is scored. It resizes the tensor, not the PIL image: PIL's bicubic would
+    move normalised pixels by up to ~0.5 on noisy images.
+    """
+    pixels = TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+    height, width = pixels.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    pixels = TF.resize(pixels, [new_height, new_width], InterpolationMode.BICUBIC, antialias=True)
+    pad_h, pad_w = size - new_height, size - new_width
+    padding = [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]
+    return TF.normalize(TF.pad(pixels, padding, fill=0), list(CLIP_MEAN), list(CLIP_STD))
+
+
+class HPSv2Metric(CosineMetric):
+    """HPSv2.1 as the hpsv2 package scores: cosine of the normalised features (no logit scale)."""
+
+    name = "hpsv2"
+    version = "HPSv2.1"
+    model: HPSv2Reward
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([eval_pixels(image, self.model.image_size) for image in images])
+
+
+def load_metric(
+    checkpoint: Path,
+    model_name: str = "ViT-H-14",
+    model_config: Path | None = None,
+    batch_size: int = 16,
+) -> HPSv2Metric:
+    """The HPSv2.1 evaluation metric from the same files (and loader) as the training reward."""
+    reward = load(checkpoint, model_name, model_config)
+    return HPSv2Metric(reward, {str(checkpoint): sha256_file(checkpoint)}, batch_size)
+
+
+def _save(path: Path, payload: object) -> None:
+    """torch.save, byte-identical on every run, written atomically.
+
+    torch.save goes to memory first, so the zip's record prefix is always `archive/` (saving to a
+    path would name it after the file), and its other records (serialization id included) depend
+    only on the tensors.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with atomic_path(path) as staged:
+        staged.write_bytes(buffer.getvalue())
+
+
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     """Write a random tiny HPSv2.1 (checkpoint + model config) into `out_dir`; return `out_dir`.
 
-    Byte-identical on every run: torch.save goes to memory first, so the zip's record prefix is
-    always `archive/` (saving to a path would name it after the file), and its other records
-    (serialization id included) depend only on the tensors.
+    Byte-identical on every run (see `_save`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,8 +222,5 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _create(model_name)
-    buffer = io.BytesIO()
-    torch.save({"state_dict": model.state_dict()}, buffer)
-    with atomic_path(out_dir / CHECKPOINT_NAME) as staged:
-        staged.write_bytes(buffer.getvalue())
+    _save(out_dir / CHECKPOINT_NAME, {"state_dict": model.state_dict()})
     return out_dir

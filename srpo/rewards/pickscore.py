@@ -2,16 +2,22 @@
 
 score = logit_scale.exp() · cosine; the training reward uses logit_scale.exp() / 20 (SPEC §3.5,
 the authors' PickScore recipe). Real weights come from a hub id or a local folder; the tiny
-model of `build_tiny` is a `save_pretrained` folder in the same layout.
+model of `build_tiny` is a `save_pretrained` folder in the same layout. `load_metric` wraps the
+same towers for evaluation, preprocessing PIL images with the processor as PickScore's README does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from PIL import Image
 from transformers import (
+    AutoImageProcessor,
     AutoTokenizer,
+    BaseImageProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
@@ -19,8 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from srpo.io import InputError, atomic_path
+from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.base import RewardModel
+from srpo.rewards.metric import CosineMetric
 from srpo.text_tokenizers import build_clip_tokenizer
 
 REWARD_LOGIT_DIVISOR = 20.0
@@ -95,6 +102,64 @@ def load(model_path: str | Path, processor_path: str | Path | None = None) -> Pi
             f"{processor_path}: cannot load a CLIP tokenizer ({_reason(processor_path, error)})"
         ) from None
     return PickScoreReward(model, tokenizer)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+"""What `CLIPModel.from_pretrained` reads, in its order of preference (PickScore_v1: unsharded)."""
+
+
+class PickScoreMetric(CosineMetric):
+    """PickScore_v1 as its README scores: logit_scale.exp() · cosine, processor preprocessing."""
+
+    name = "pickscore"
+    version = "PickScore_v1"
+    model: PickScoreReward
+
+    def __init__(
+        self,
+        reward: PickScoreReward,
+        image_processor: BaseImageProcessor,
+        checkpoint_sha256: dict[str, str],
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__(reward, checkpoint_sha256, batch_size)
+        self.image_processor = image_processor
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+
+def _weight_file(model_path: str | Path) -> Path:
+    """The weight file `CLIPModel.from_pretrained` read: in the folder, or in the hub cache."""
+    folder = Path(model_path)
+    for name in WEIGHT_FILES:
+        found = folder / name if folder.is_dir() else try_to_load_from_cache(str(model_path), name)
+        if isinstance(found, str | Path) and Path(found).is_file():
+            return Path(found)
+    raise InputError(f"{model_path}: no {' or '.join(WEIGHT_FILES)} (sharded weights unsupported)")
+
+
+def load_metric(
+    model_path: str | Path, processor_path: str | Path | None = None, batch_size: int = 16
+) -> PickScoreMetric:
+    """The PickScore metric from the same folders (and loader) as the training reward.
+
+    The image processor is forced to transformers' PIL backend: the PIL processor is what
+    PickScore's README ran (transformers 4.x); v5's default torchvision backend resizes tensors and
+    moves normalised pixels by up to ~0.03.
+    """
+    processor_path = model_path if processor_path is None else processor_path
+    reward = load(model_path, processor_path)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(str(processor_path), backend="pil")
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{processor_path}: cannot load a CLIP image processor "
+            f"({_reason(processor_path, error)})"
+        ) from None
+    weights = _weight_file(model_path)
+    hashes = {str(weights): sha256_file(weights)}
+    return PickScoreMetric(reward, image_processor, hashes, batch_size)
 
 
 def _tiny_config(tokenizer: PreTrainedTokenizerBase) -> CLIPConfig:
