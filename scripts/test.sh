@@ -13,7 +13,7 @@ stage() {
   echo "=== stage $name passed in $((SECONDS - start)) s"
 }
 
-stage setup bash scripts/setup.sh
+stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps -r envs/test-reference.txt'
 stage lint bash -c '.venv/bin/ruff check . && .venv/bin/ruff format --check .'
 stage unit .venv/bin/python -m pytest -q -m "not distributed" tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
