@@ -2,8 +2,24 @@
 
 import os
 
+import yaml
+from jsonschema import Draft202012Validator
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+
+def check_config(config, schema_file):
+    """One line naming the first offending key (`sample.steps: 'many' is not of type …`)."""
+    with open(schema_file) as handle:
+        schema = yaml.safe_load(handle)
+    for error in sorted(Draft202012Validator(schema).iter_errors(config), key=str):
+        key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+        raise WorkflowError(f"config: {key}: {error.message}")
+
+
+check_config(
+    config, os.path.join(workflow.basedir, "workflow/schemas/config.schema.yaml")
+)
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = config["run"]
