@@ -215,7 +215,13 @@ def sample_command(
     prompts: Annotated[
         Path, typer.Option(help="Evaluation prompts: CSV prompt_id,style,prompt or .txt.")
     ],
-    out_dir: Annotated[Path, typer.Option(help="Folder for images/, manifests/ (shared).")],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for images/, manifests/, shared by the shards; this shard's images "
+            "made with other settings or another model are replaced."
+        ),
+    ],
     transformer: Annotated[
         Path | None,
         typer.Option(
@@ -240,7 +246,8 @@ def sample_command(
         str, typer.Option(help="i/n: sample batches i, i+n, … of the prompt list.")
     ] = "0/1",
 ) -> None:
-    """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard."""
+    """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard
+    or to replace its images after the settings or the model changed."""
     from srpo.sample import SampleSettings, parse_shard, sample_images
 
     settings = SampleSettings(
@@ -261,11 +268,19 @@ def sample_command(
 @_one_line_errors
 def gather_samples_command(
     out_dir: Annotated[Path, typer.Argument(help="The --out-dir every shard sampled into.")],
+    shards: Annotated[
+        int,
+        typer.Option(
+            help="n of the shards' --shard i/n: manifests shard-000-of-n … are merged, "
+            "any others ignored."
+        ),
+    ] = 1,
 ) -> None:
-    """Check that every prompt has its image and merge the shard manifests into manifest.json."""
+    """Check that shards 0..n−1 share one spec and every prompt has its recorded image, then
+    merge their manifests into manifest.json."""
     from srpo.sample import gather_manifests
 
-    typer.echo(f"wrote {gather_manifests(out_dir)}")
+    typer.echo(f"wrote {gather_manifests(out_dir, shards)}")
 
 
 @app.command("prepare-prompts")

@@ -54,5 +54,6 @@ rule gather_samples:
         gpu=resources("gather_samples", "gpu"),
     params:
         folder=lambda wildcards, output: os.path.dirname(output.manifest),
+        shards=SHARDS,
     shell:
-        "srpo gather-samples {params.folder} > {log} 2>&1"
+        "srpo gather-samples {params.folder} --shards {params.shards} > {log} 2>&1"

@@ -1,0 +1,463 @@
+"""Evaluation sampling (SPEC §2 step 4, §4): the stock FluxPipeline, fixed seeds, any sharding.
+
+Layout of an output folder:
+    images/00012.png                         one PNG per prompt id
+    manifests/shard-000-of-004.json          one shard's spec (settings, model, prompts) and
+                                             its images with their seeds and sha256
+    manifests/shard-000-of-004.progress.json the images the shard's last run has made so far
+    manifest.json                            shards 0..n−1 merged by `gather_manifests`
+Each image's seed depends only on (seed, prompt_id), batches are cut from the global prompt order
+and shard i of n takes batches i, i+n, …, so every sharding writes byte-identical PNGs.
+
+There is no folder-wide record: a shard keeps an existing image only if a manifest (final or
+progress, of any shard count) made with the same spec records its sha256, and makes every other
+image of its own prompts again. So a stopped shard resumes after its last finished batch, even
+when Snakemake deleted its manifest before the re-run; a shard re-run with other settings or
+another model replaces its images; and shards, which own disjoint prompts, never write the same
+file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from rich.progress import track
+
+from srpo.io import InputError, atomic_path, file_hashes, provenance, sha256_file, write_json
+from srpo.prompts import EvalPrompt, read_eval_prompts
+from srpo.train.data import derive_seed
+from srpo.train.parallel import DTYPES
+
+MANIFEST = "manifest.json"
+STATE_DICT_SUFFIX = ".safetensors"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+SPEC_KEYS = ("settings", "model", "prompts")
+ENTRY_KEYS = {"prompt_id", "style", "prompt", "seed", "file", "sha256"}
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """Sampling settings; the defaults are the paper's evaluation protocol (SPEC §4)."""
+
+    steps: int = 50
+    guidance: float = 3.5
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int = 512
+    seed: int = 42
+    batch_size: int = 1
+    dtype: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+
+    def validate(self) -> None:
+        """Reject values the pipeline would silently change (FLUX rounds sizes to 16 px)."""
+        positive = {
+            "--steps": self.steps,
+            "--batch-size": self.batch_size,
+            "--max-sequence-length": self.max_sequence_length,
+        }
+        for option, value in positive.items():
+            if value < 1:
+                raise InputError(f"{option}: expected a positive integer, got {value}")
+        for option, value in {"--height": self.height, "--width": self.width}.items():
+            if value < 16 or value % 16:
+                raise InputError(f"{option}: expected a positive multiple of 16, got {value}")
+        if self.max_sequence_length > 512:
+            raise InputError(
+                f"--max-sequence-length: expected at most 512 (FLUX's T5 limit), "
+                f"got {self.max_sequence_length}"
+            )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    manifest: Path
+    generated: int
+    skipped: int
+    replaced: int  # of the generated: files that were there but incomplete or made differently
+    seconds: float
+
+    def summary(self) -> str:
+        replaced = f" (replacing {self.replaced} stale or incomplete)" if self.replaced else ""
+        return (
+            f"generated {self.generated}{replaced}, skipped {self.skipped} existing images "
+            f"in {self.seconds:.1f} s; wrote {self.manifest}"
+        )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/n` → (i, n) with 0 ≤ i < n."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None or int(match[1]) >= int(match[2]):
+        raise InputError(f"--shard: expected i/n with 0 ≤ i < n (e.g. 0/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def prompt_seed(seed: int, prompt_id: int) -> int:
+    return derive_seed(seed, "sample", prompt_id)
+
+
+def shard_batches(
+    prompts: Sequence[EvalPrompt], batch_size: int, shard: int, shards: int
+) -> list[list[EvalPrompt]]:
+    """Batches i, i+n, … of the global order: a batch's members never depend on the sharding
+    (batched matmuls are not bitwise batch-invariant, so this is what keeps PNGs identical)."""
+    batches = [list(prompts[k : k + batch_size]) for k in range(0, len(prompts), batch_size)]
+    return batches[shard::shards]
+
+
+def image_file(prompt_id: int) -> str:
+    return f"images/{prompt_id:05d}.png"
+
+
+def shard_manifest_name(shard: int, shards: int) -> str:
+    return f"shard-{shard:03d}-of-{shards:03d}.json"
+
+
+def is_complete_image(path: Path, width: int, height: int) -> bool:
+    """True if `path` is a whole PNG of the expected size.
+
+    PIL alone decodes a file that lost its last bytes, so the IEND trailer and every chunk's
+    CRC are checked before the pixels are decoded.
+    """
+    try:
+        data = path.read_bytes()
+        if not data.endswith(PNG_END):
+            return False
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.size == (width, height)
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def write_png(image: Image.Image, path: Path) -> None:
+    """Write atomically; PIL adds no time or text chunks, so equal pixels give equal bytes."""
+    with atomic_path(path) as staged:
+        image.save(staged, format="PNG")
+
+
+def model_identity(base_model: str, transformer: Path | None) -> dict[str, Any]:
+    """Base model and the sha256 of the transformer weights that make the images.
+
+    A hub id (no local folder) is recorded by name only.
+    """
+    if transformer is not None:
+        if not transformer.exists():
+            raise InputError(f"{transformer}: transformer not found")
+        if transformer.is_file() and transformer.suffix != STATE_DICT_SUFFIX:
+            raise InputError(
+                f"{transformer}: expected a {STATE_DICT_SUFFIX} state dict or a diffusers "
+                "transformer folder"
+            )
+        weights: Path | None = transformer.resolve()
+    else:
+        local = Path(base_model) / "transformer"
+        weights = local.resolve() if local.is_dir() else None
+    base = Path(base_model)
+    return {
+        "base_model": str(base.resolve()) if base.exists() else base_model,
+        "transformer": None if transformer is None else str(transformer.resolve()),
+        "sha256": {} if weights is None else file_hashes(weights),
+    }
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_pipeline(
+    base_model: str, transformer: Path | None, dtype: torch.dtype, device: torch.device
+) -> Any:
+    """The stock FluxPipeline, with the transformer replaced as the released SRPO model does."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    parts = {}
+    if transformer is not None and transformer.is_dir():
+        try:
+            parts["transformer"] = FluxTransformer2DModel.from_pretrained(transformer, dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise InputError(
+                f"{transformer}: not a diffusers FLUX transformer folder ({_one_line(error)})"
+            ) from None
+    try:
+        pipe = FluxPipeline.from_pretrained(base_model, dtype=dtype, **parts)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{base_model}: cannot load a FLUX pipeline ({_one_line(error)})"
+        ) from None
+    if transformer is not None and transformer.is_file():
+        try:
+            pipe.transformer.load_state_dict(load_file(transformer))
+        except (OSError, RuntimeError, SafetensorError) as error:
+            raise InputError(
+                f"{transformer}: not a state dict of {base_model}'s transformer "
+                f"({_one_line(error)})"
+            ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(pipe: Any, batch: Sequence[EvalPrompt], settings: SampleSettings) -> list[Image.Image]:
+    """One pipeline call; one CPU generator per image, so noise is independent of the batch."""
+    generators = [
+        torch.Generator().manual_seed(prompt_seed(settings.seed, p.prompt_id)) for p in batch
+    ]
+    return pipe(
+        prompt=[p.prompt for p in batch],
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        max_sequence_length=settings.max_sequence_length,
+        generator=generators,
+    ).images
+
+
+def _first_difference(
+    first: Any, second: Any, names: tuple[str, str] = ("here", "now"), key: str = ""
+) -> str:
+    """`key: value-1 <names[0]>, value-2 <names[1]>` for the first differing (nested) key."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        for name in sorted(set(first) | set(second)):
+            if first.get(name) != second.get(name):
+                return _first_difference(
+                    first.get(name), second.get(name), names, f"{key}.{name}".strip(".")
+                )
+    return f"{key}: {first!r} {names[0]}, {second!r} {names[1]}"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: unreadable {what} ({_one_line(error)})") from None
+
+
+def _spec_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: manifest.get(key) for key in SPEC_KEYS}
+
+
+def recorded_digests(out_dir: Path, spec: dict[str, Any]) -> dict[str, set[str]]:
+    """Image file → the sha256s that manifests made with exactly `spec` record for it.
+
+    Every manifest in manifests/ counts, of any shard count, finished or partial; one that is
+    unreadable or not a manifest vouches for nothing (its images are then simply made again).
+    """
+    recorded: dict[str, set[str]] = {}
+    for path in sorted((Path(out_dir) / "manifests").glob("*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(manifest, dict) or _spec_of(manifest) != spec:
+            continue
+        images = manifest.get("images")
+        for entry in images if isinstance(images, list) else []:
+            if isinstance(entry, dict):
+                file, digest = entry.get("file"), entry.get("sha256")
+                if isinstance(file, str) and isinstance(digest, str):
+                    recorded.setdefault(file, set()).add(digest)
+    return recorded
+
+
+def sample_images(
+    base_model: str,
+    prompts: Path,
+    out_dir: Path,
+    settings: SampleSettings | None = None,
+    transformer: Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    device: str | None = None,
+    progress: bool = True,
+) -> SampleResult:
+    """Sample shard `shard` = (i, n) of the prompt file into `out_dir`.
+
+    An image is kept only if it is complete and a manifest made with the same spec (settings,
+    model, prompts) records its sha256; every other image of this shard is made again and
+    overwritten, so a folder never mixes settings or models. Only this shard's images, its
+    manifests and the now outdated manifest.json are written, so shards can run in parallel.
+    The pipeline is loaded only if some image must be made.
+    """
+    start = time.perf_counter()
+    settings = settings or SampleSettings()
+    settings.validate()
+    index, count = shard
+    if not 0 <= index < count:
+        raise InputError(f"--shard: expected i/n with 0 ≤ i < n, got {index}/{count}")
+    prompts, out_dir = Path(prompts), Path(out_dir)
+    transformer = None if transformer is None else Path(transformer)
+    prompt_list = read_eval_prompts(prompts)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = settings.dtype or ("bfloat16" if target.type == "cuda" else "float32")
+    spec = {
+        "settings": {**asdict(settings), "dtype": dtype, "device": target.type},
+        "model": model_identity(base_model, transformer),
+        "prompts": {"sha256": sha256_file(prompts), "count": len(prompt_list)},
+    }
+    batches = shard_batches(prompt_list, settings.batch_size, index, count)
+    own = [p for batch in batches for p in batch]
+    digests = _verified_images(out_dir, own, spec, (settings.width, settings.height))
+    todo = [batch for batch in batches if any(p.prompt_id not in digests for p in batch)]
+    stale = sum(_png(out_dir, p).exists() for p in own if p.prompt_id not in digests)
+    skipped = len(digests)
+    pipe = load_pipeline(base_model, transformer, DTYPES[dtype], target) if todo else None
+    manifest = out_dir / "manifests" / shard_manifest_name(index, count)
+    progress_file = manifest.with_suffix(".progress.json")
+    shard_record = {"index": index, "count": count}
+
+    def record_progress() -> None:
+        made = [
+            _entry(p, settings.seed, digests[p.prompt_id]) for p in own if p.prompt_id in digests
+        ]
+        write_json(progress_file, {**spec, "shard": shard_record, "images": made})
+
+    record_progress()  # vouches for the kept images even once `manifest` is gone
+    if todo:  # from the first image written, these describe a folder that no longer exists
+        manifest.unlink(missing_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+    for batch in track(todo, description=f"sampling shard {index}/{count}", disable=not progress):
+        for prompt, image in zip(batch, generate(pipe, batch, settings), strict=True):
+            if prompt.prompt_id not in digests:
+                write_png(image, _png(out_dir, prompt))
+                digests[prompt.prompt_id] = sha256_file(_png(out_dir, prompt))
+        record_progress()  # a stopped shard resumes after its last finished batch
+    config = {
+        "base_model": base_model,
+        "transformer": None if transformer is None else str(transformer),
+        "prompt_file": str(prompts),
+        "out_dir": str(out_dir),
+        "shard": f"{index}/{count}",
+        "settings": asdict(settings),
+    }
+    entries = [_entry(p, settings.seed, digests[p.prompt_id]) for p in own]
+    write_json(
+        manifest,
+        {**spec, "shard": shard_record, "images": entries, "provenance": provenance(config)},
+    )
+    generated = len(entries) - skipped
+    return SampleResult(manifest, generated, skipped, stale, time.perf_counter() - start)
+
+
+def _verified_images(
+    out_dir: Path, own: Sequence[EvalPrompt], spec: dict[str, Any], size: tuple[int, int]
+) -> dict[int, str]:
+    """prompt_id → sha256 of this shard's images that can be kept: complete, right size, and
+    recorded with that sha256 by a manifest made with the same spec."""
+    recorded = recorded_digests(out_dir, spec)
+    kept = {}
+    for prompt in own:
+        path = _png(out_dir, prompt)
+        digests = recorded.get(image_file(prompt.prompt_id), set())
+        if digests and is_complete_image(path, *size):
+            digest = sha256_file(path)
+            if digest in digests:
+                kept[prompt.prompt_id] = digest
+    return kept
+
+
+def _png(out_dir: Path, prompt: EvalPrompt) -> Path:
+    return out_dir / image_file(prompt.prompt_id)
+
+
+def _entry(prompt: EvalPrompt, seed: int, digest: str) -> dict[str, Any]:
+    return {
+        "prompt_id": prompt.prompt_id,
+        "style": prompt.style,
+        "prompt": prompt.prompt,
+        "seed": prompt_seed(seed, prompt.prompt_id),
+        "file": image_file(prompt.prompt_id),
+        "sha256": digest,
+    }
+
+
+def gather_manifests(out_dir: Path, shards: int = 1) -> Path:
+    """Merge the manifests of shards 0..shards−1 into `manifest.json`.
+
+    Only `shard-iii-of-<shards>.json` are read, so manifests of other shard counts or older
+    runs are ignored; those read must share one spec, cover every prompt, and every image file
+    must still have the sha256 its shard recorded (a re-run or half-written image is caught).
+    """
+    out_dir = Path(out_dir)
+    if shards < 1:
+        raise InputError(f"--shards: expected a positive integer, got {shards}")
+    paths = [out_dir / "manifests" / shard_manifest_name(i, shards) for i in range(shards)]
+    missing = [(i, path) for i, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        i, path = missing[0]
+        more = (
+            f"; {len(missing) - 1} more of the {shards} shards missing" if len(missing) > 1 else ""
+        )
+        raise InputError(
+            f"{path}: shard manifest not found (run `srpo sample --shard {i}/{shards}`){more}"
+        )
+    manifests = [_read_shard(path, i, shards) for i, path in enumerate(paths)]
+    spec = _spec_of(manifests[0])
+    for path, manifest in zip(paths[1:], manifests[1:], strict=True):
+        if _spec_of(manifest) != spec:
+            names = (f"in {paths[0].name}", "here")
+            difference = _first_difference(spec, _spec_of(manifest), names)
+            raise InputError(
+                f"{path}: made differently from {paths[0].name} ({difference}); "
+                "run every shard with the same settings and model"
+            )
+    recorded = {
+        entry["prompt_id"]: (entry, path)
+        for path, manifest in zip(paths, manifests, strict=True)
+        for entry in manifest["images"]
+    }
+    expected = spec["prompts"]["count"]
+    if len(recorded) != expected:
+        raise InputError(
+            f"{out_dir / 'manifests'}: the {shards} shard manifests hold images of "
+            f"{len(recorded)} of the {expected} prompts"
+        )
+    images = [_checked_image(out_dir, *recorded[key]) for key in sorted(recorded)]
+    provenances = [
+        {"manifest": path.name, **manifest["provenance"]}
+        for path, manifest in zip(paths, manifests, strict=True)
+    ]
+    write_json(out_dir / MANIFEST, {**spec, "images": images, "provenance": provenances})
+    return out_dir / MANIFEST
+
+
+def _read_shard(path: Path, index: int, count: int) -> dict[str, Any]:
+    shard = _read_json(path, "shard manifest")
+    well_formed = (
+        isinstance(shard, dict)
+        and {*SPEC_KEYS, "shard", "images", "provenance"} <= shard.keys()
+        and shard["shard"] == {"index": index, "count": count}
+        and isinstance(shard["prompts"], dict)
+        and "count" in shard["prompts"]
+        and isinstance(shard["images"], list)
+        and all(isinstance(e, dict) and e.keys() >= ENTRY_KEYS for e in shard["images"])
+    )
+    if not well_formed:
+        raise InputError(f"{path}: not the manifest of sample shard {index}/{count}")
+    return shard
+
+
+def _checked_image(out_dir: Path, entry: dict[str, Any], manifest: Path) -> dict[str, Any]:
+    path = out_dir / entry["file"]
+    if not path.is_file():
+        raise InputError(f"{path}: image of {manifest.name} missing (run its shard again)")
+    if sha256_file(path) != entry["sha256"]:
+        raise InputError(f"{path}: image differs from {manifest.name} (run its shard again)")
+    return entry
