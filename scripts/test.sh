@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (idempotent) and run the test suite stage by stage:
-# lint → unit → distributed. Stops at the first failing stage.
+# lint → unit → distributed → workflow. Stops at the first failing stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
@@ -14,7 +14,9 @@ stage() {
 }
 
 stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps -r envs/test-reference.txt'
-stage lint bash -c '.venv/bin/ruff check . && .venv/bin/ruff format --check .'
-stage unit .venv/bin/python -m pytest -q -m "not distributed" tests/unit
+export PATH="$PWD/.venv/bin:$PATH"
+stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow && snakemake --lint'
+stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
+stage workflow .venv/bin/python -m pytest -q tests/workflow
 echo "=== all stages passed in $SECONDS s"

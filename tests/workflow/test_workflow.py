@@ -76,7 +76,7 @@ def test_metric_setting_reruns_only_that_metric_and_report(finished, tmp_path):
     config = yaml.safe_load((finished / "config" / "config.yaml").read_text())
     config["metrics"]["pickscore"]["batch_size"] = 3
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
     planned = jobs_planned(snakemake(finished, "-n", "--cores", "2", "--configfile", str(changed)))
     assert planned == {"score_pickscore": 1, "report": 1, "all": 1}
 
@@ -85,7 +85,7 @@ def test_sampling_setting_reruns_sampling_scoring_and_report(finished, tmp_path)
     config = yaml.safe_load((finished / "config" / "config.yaml").read_text())
     config["sample"]["steps"] = 3
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config))
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
     planned = jobs_planned(snakemake(finished, "-n", "--cores", "2", "--configfile", str(changed)))
     assert set(planned) == {"sample_eval", "gather_samples", "report", "all"} | {
         f"score_{metric}" for metric in config["metrics"]

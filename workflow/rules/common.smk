@@ -79,7 +79,7 @@ def model_label(model):
 
 def metric_weights(metric):
     weights = config["metrics"][metric]["weights"]
-    return " ".join(f"--weight {key}={value}" for key, value in weights.items())
+    return " ".join(f"--weight {key}={value}" for key, value in sorted(weights.items()))
 
 
 def metric_files(metric):

@@ -25,7 +25,7 @@ rule sample_eval:
         shard=lambda wildcards: f"{int(wildcards.shard)}/{SHARDS}",
         settings=" ".join(
             f"--{key.replace('_', '-')} {value}"
-            for key, value in config["sample"].items()
+            for key, value in sorted(config["sample"].items())
             if key != "shards" and value is not None
         ),
     shell:
