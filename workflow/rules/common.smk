@@ -65,6 +65,31 @@ def launcher(procs):
     return f"torchrun --standalone --nproc-per-node {procs} -m srpo"
 
 
+def train_launcher():
+    """torchrun inside the training job: one node (standalone) or, when the config asks for
+    several, one torchrun per node started by srun, meeting at the job's first node."""
+    procs = config["train"].get("nproc_per_node", 1)
+    nodes = config["train"].get("nodes", 1)
+    if nodes == 1:
+        return launcher(procs)
+    first_node = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    return (
+        f"srun --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {procs}"
+        f" --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d --rdzv-endpoint {first_node}:29500"
+        " -m srpo"
+    )
+
+
+def train_gpus(kind):
+    """GPUs of the training job: `gpu` (sbatch --gpus, all on the one node) for one node,
+    `gres` (--gres=gpu:N on every node) for several."""
+    gpus = resources("train_srpo", "gpu")
+    several = config["train"].get("nodes", 1) > 1
+    if kind == "gres":
+        return f"gpu:{gpus}" if several and gpus else ""
+    return 0 if several else gpus
+
+
 def transformer_option(wildcards):
     return "" if wildcards.model == "base" else f"--transformer {EXPORT}"
 

@@ -15,9 +15,11 @@ rule train_srpo:
         mem_mb=resources("train_srpo", "mem_mb"),
         runtime=resources("train_srpo", "runtime"),
         cpus_per_task=resources("train_srpo", "cpus"),
-        gpu=resources("train_srpo", "gpu"),
+        gpu=train_gpus("gpu"),
+        gres=train_gpus("gres"),
+        nodes=config["train"].get("nodes", 1),
     params:
-        launch=launcher(config["train"].get("nproc_per_node", 1)),
+        launch=train_launcher(),
         base=base_model(),
         folder=lambda wildcards, output: os.path.dirname(os.path.dirname(output.model)),
     shell:
