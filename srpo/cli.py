@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+class DType(StrEnum):
+    """Floating-point formats an option may name."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+    @property
+    def torch(self):
+        from srpo.train.parallel import DTYPES
+
+        return DTYPES[self.value]
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,16 +88,13 @@ def encode_command(
     out_dir: Annotated[Path, typer.Option(help="Cache folder to write (index.json + shards).")],
     max_sequence_length: Annotated[int, typer.Option(help="T5 tokens per prompt.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder call.")] = 8,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (stored dtype).")] = "float32",
+    dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
 ) -> None:
     """Pre-compute FLUX text conditioning; under torchrun each rank encodes one shard."""
     from srpo.encode import encode_prompts
-    from srpo.train.parallel import DTYPES
 
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     index = encode_prompts(
-        base_model, prompts, out_dir, max_sequence_length, batch_size, DTYPES[dtype]
+        base_model, prompts, out_dir, max_sequence_length, batch_size, dtype.torch
     )
     typer.echo(f"wrote {index}")
 
@@ -135,15 +146,12 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="A step-NNNNNNNN checkpoint folder.")],
     base_model: Annotated[str, typer.Option(help="The FLUX base the run started from.")],
     out_dir: Annotated[Path, typer.Option(help="Folder to write.")],
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "bfloat16",
+    dtype: Annotated[DType, typer.Option(help="Dtype of the exported weights.")] = DType.bfloat16,
 ) -> None:
     """Write a checkpoint as a diffusers transformer folder + one safetensors state dict."""
     from srpo.train.checkpoint import export_checkpoint
-    from srpo.train.parallel import DTYPES
 
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    typer.echo(f"wrote {export_checkpoint(checkpoint, base_model, out_dir, DTYPES[dtype])}")
+    typer.echo(f"wrote {export_checkpoint(checkpoint, base_model, out_dir, dtype.torch)}")
 
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
@@ -171,17 +179,14 @@ def score_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per metric call.")] = 8,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: auto).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Annotated[DType, typer.Option(help="Dtype of the metric model.")] = DType.float32,
 ) -> None:
     """Score the sampled images of one or more models with one metric: a row per image."""
     from srpo.score import score_folders
-    from srpo.train.parallel import DTYPES
 
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     folders = {label: Path(folder) for label, folder in _pairs(samples, "--samples").items()}
     weights = _pairs(weight, "--weight")
-    score_folders(folders, metric, out, weights, batch_size, device, DTYPES[dtype])
+    score_folders(folders, metric, out, weights, batch_size, device, dtype.torch)
 
 
 @app.command("report")
