@@ -24,7 +24,7 @@ from torch import nn
 
 from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.hpsv2 import _check_keys, _create, _register_config, _save, _summary
-from srpo.rewards.metric import Metric
+from srpo.rewards.metric import PixelMetric
 
 CLIP_MODEL = "ViT-L-14-quickgelu"
 CLIP_CHECKPOINT_NAME = "ViT-L-14.pt"
@@ -78,7 +78,7 @@ class AestheticModel(nn.Module):
         return self.mlp(embeddings).squeeze(-1)
 
 
-class AestheticMetric(Metric):
+class AestheticMetric(PixelMetric):
     """The predicted aesthetic rating (about 1–10 for real weights); prompts are not used."""
 
     name = "aesthetic"

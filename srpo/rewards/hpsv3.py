@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.metric import Metric
@@ -77,8 +78,11 @@ TINY_TEXT = {
     "max_position_embeddings": 4096,
     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
     "tie_word_embeddings": False,
+    "initializer_range": 0.2,
 }
-"""Qwen2-VL-7B's text config at tiny width; the mrope sections add up to head_dim / 2 = 8."""
+"""Qwen2-VL-7B's text config at tiny width; the mrope sections add up to head_dim / 2 = 8.
+Initialised 10× wider than the real 0.02: at 0.02 a random one-layer model attends almost
+uniformly over ~3000 tokens, so two different images score within 1e-5 of each other."""
 
 TINY_VISION = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2}
 """Its vision tower at tiny width (patch 14, merge 2 as in the real one); `hidden_size` is the
@@ -110,16 +114,17 @@ class HPSv3Metric(Metric):
         return self.inferencer.reward(list(images), prompts)[:, 0]
 
 
-def load_metric(config: Path, checkpoint: Path, batch_size: int = 16) -> HPSv3Metric:
-    """HPSv3 from a config yaml (e.g. the package's HPSv3_7B.yaml) and `HPSv3.safetensors`.
+def load_metric(checkpoint: Path, config: Path | None = None, batch_size: int = 16) -> HPSv3Metric:
+    """HPSv3 from `HPSv3.safetensors` and a config yaml (default: the package's HPSv3_7B.yaml).
 
     The yaml's `model_name_or_path` must resolve offline: a local Qwen2-VL-7B-Instruct folder,
     or the hub id with that model in the Hugging Face cache and HF_HUB_OFFLINE=1. Its `bf16`
-    and `torch_dtype` decide the precision the model is built in; `load_metric`'s dtype casts
-    afterwards. The model is built on CPU; `Metric.to` moves it.
+    and `torch_dtype` decide the precision the model is built in (HPSv3_7B.yaml: bf16, which
+    transformers refuses on a CPU-only machine); `load_metric`'s dtype casts afterwards, and the
+    published numbers are bf16 ones. The model is built on CPU; `Metric.to` moves it.
     """
     inference = import_package("hpsv3.inference", ENVIRONMENT)
-    config = require_file(config, "HPSv3 config yaml (like hpsv3/config/HPSv3_7B.yaml)")
+    config = require_file(config or _published_config(), "HPSv3 config yaml")
     checkpoint = require_file(checkpoint, f"HPSv3 checkpoint (expected {CHECKPOINT_NAME})")
     try:
         inferencer = inference.HPSv3RewardInferencer(str(config), str(checkpoint), device="cpu")
@@ -186,11 +191,14 @@ def _tiny_base(processor: Any) -> Any:
     return Qwen2VLForConditionalGeneration(config)
 
 
+def _published_config() -> Path:
+    """The config the package's inferencer uses when given none: Qwen2-VL-7B-Instruct, bf16."""
+    return Path(import_package("hpsv3", ENVIRONMENT).__file__).parent / "config" / "HPSv3_7B.yaml"
+
+
 def _tiny_config(base: Path) -> dict[str, Any]:
     """The package's HPSv3_7B.yaml with the tiny base model, in fp32 (CPUs lack fast bf16)."""
-    package = import_package("hpsv3", ENVIRONMENT)
-    published = Path(package.__file__).parent / "config" / "HPSv3_7B.yaml"
-    config = yaml.safe_load(published.read_text())
+    config = yaml.safe_load(_published_config().read_text())
     config.update(model_name_or_path=str(base.resolve()), bf16=False, torch_dtype="float32")
     return config
 
@@ -217,7 +225,8 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     with atomic_path(config_path) as staged:
         staged.write_text(yaml.safe_dump(_tiny_config(base), sort_keys=False))
     # The reward model exactly as the inferencer builds it (special token added, embeddings
-    # resized, head in fp32), with its random head and new embedding row seeded.
+    # resized, head in fp32), with its random head and new embedding row seeded: the parser and
+    # factory are taken from hpsv3.inference's namespace, i.e. the very functions it calls.
     dataclasses = (
         inference.DataConfig,
         inference.TrainingConfig,
@@ -232,8 +241,6 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         reward_model, _, _ = inference.create_model_and_processor(model_config, lora, training)
-    from safetensors.torch import save_file
-
     with atomic_path(out_dir / CHECKPOINT_NAME) as staged:
         save_file(reward_model.state_dict(), str(staged), metadata={"format": "pt"})
     return out_dir

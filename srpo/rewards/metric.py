@@ -19,8 +19,10 @@ from torch import nn
 from srpo.io import InputError
 from srpo.rewards.base import RewardModel
 
-METRICS = ("hpsv2", "aesthetic", "pickscore")
+METRICS = ("hpsv2", "aesthetic", "pickscore", "imagereward", "hpsv3")
 """Names `load_metric` accepts, in the order the paper's tables list them."""
+OWN_ENVIRONMENT = {"imagereward": "imagereward", "hpsv3": "hpsv3"}
+"""Metrics whose published package runs only in its own `.venv-NAME` (envs/metric-env.sh)."""
 
 
 class Metric(ABC):
@@ -53,12 +55,8 @@ class Metric(ABC):
         return self
 
     @abstractmethod
-    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """The scorer's own preprocessing: PIL images → float32 model input [B,3,H,W] on CPU."""
-
-    @abstractmethod
-    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Scores [B] of preprocessed pixels (already on the model's device and dtype)."""
+    def _score_batch(self, images: Sequence[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """Scores [B] of one batch of PIL images, image i against prompt i."""
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
@@ -68,13 +66,32 @@ class Metric(ABC):
         scores: list[float] = []
         for start in range(0, len(images), self.batch_size):
             stop = start + self.batch_size
-            pixels = self.pixels(images[start:stop]).to(self.device, self.dtype)
-            batch = self._score_pixels(pixels, list(prompts[start:stop]))
+            batch = self._score_batch(images[start:stop], list(prompts[start:stop]))
             scores.extend(batch.float().cpu().tolist())
         return scores
 
 
-class CosineMetric(Metric):
+class PixelMetric(Metric):
+    """A metric whose own preprocessing turns a batch of PIL images into one pixel tensor.
+
+    Split from `Metric` because not every scorer has such a tensor: HPSv3's Qwen2-VL processor
+    makes variable-length patch sequences inside the package's inferencer, and ImageReward's
+    package scores one PIL image per call.
+    """
+
+    @abstractmethod
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The scorer's own preprocessing: PIL images → float32 model input [B,3,H,W] on CPU."""
+
+    @abstractmethod
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Scores [B] of preprocessed pixels (already on the model's device and dtype)."""
+
+    def _score_batch(self, images: Sequence[Image.Image], prompts: list[str]) -> torch.Tensor:
+        return self._score_pixels(self.pixels(images).to(self.device, self.dtype), prompts)
+
+
+class CosineMetric(PixelMetric):
     """A metric on a `RewardModel`'s towers: score_scale · cosine(image i, prompt i).
 
     The towers and the text side are the training reward's own, so the two cannot drift apart;
@@ -91,12 +108,14 @@ class CosineMetric(Metric):
 
 def _loaders() -> dict[str, Callable[..., Metric]]:
     # Imported here, not at the top: these modules subclass `Metric` from this one.
-    from srpo.rewards import aesthetic, hpsv2, pickscore
+    from srpo.rewards import aesthetic, hpsv2, hpsv3, imagereward, pickscore
 
     return {
         "hpsv2": hpsv2.load_metric,
         "aesthetic": aesthetic.load_metric,
         "pickscore": pickscore.load_metric,
+        "imagereward": imagereward.load_metric,
+        "hpsv3": hpsv3.load_metric,
     }
 
 

@@ -29,12 +29,14 @@ from transformers import CLIPModel, CLIPProcessor
 
 from srpo.io import InputError, file_hashes
 from srpo.rewards import aesthetic, hpsv2, pickscore
-from srpo.rewards.metric import METRICS, Metric, load_metric
+from srpo.rewards.metric import METRICS, OWN_ENVIRONMENT, Metric, load_metric
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPTS = ["a cat", "a dog on a sofa", "a red fox in the snow", "portrait", "a lighthouse at dusk"]
 HPSV2_PIP = "pip install --no-deps hpsv2==1.2.0 clint==0.5.1 args==0.1.0"
+HERE = [name for name in METRICS if name not in OWN_ENVIRONMENT]
+"""The metrics of the main environment; the others are tested in tests/metric_envs."""
 
 
 def pil_images() -> list[Image.Image]:
@@ -267,7 +269,7 @@ def test_pickscore_equals_transformers(pick_dir: Path) -> None:
     assert metric.score(images, PROMPTS) == pytest.approx(expected.tolist(), abs=1e-5, rel=0)
 
 
-@pytest.mark.parametrize("name", METRICS)
+@pytest.mark.parametrize("name", HERE)
 def test_metric_interface(
     name: str, paths: dict[str, dict[str, Path]], weights: dict[str, list[Path]]
 ) -> None:
@@ -289,7 +291,7 @@ def test_metric_interface(
         metric.score(images, PROMPTS[:4])
 
 
-@pytest.mark.parametrize("name", METRICS)
+@pytest.mark.parametrize("name", HERE)
 def test_dtype_and_device_are_applied(name: str, paths: dict[str, dict[str, Path]]) -> None:
     images = pil_images()[:2]
     expected = load_metric(name, **paths[name]).score(images, PROMPTS[:2])
@@ -325,7 +327,25 @@ def one_line_error(name: str, *needles: object, **arguments: object) -> None:
 
 
 def test_unknown_metric_name() -> None:
-    one_line_error("imagereward", "'imagereward'", *METRICS)
+    one_line_error("clipscore", "'clipscore'", *METRICS)
+
+
+@pytest.mark.parametrize(
+    ("name", "package", "files"),
+    [
+        ("imagereward", "ImageReward", ("checkpoint", "med_config")),
+        ("hpsv3", "hpsv3", ("checkpoint",)),
+    ],
+)
+def test_own_environment_metrics_name_their_environment(
+    name: str, package: str, files: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Their packages are not importable here: one line saying which environment to use."""
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is importable: this is its own environment")
+    environment = OWN_ENVIRONMENT[name]
+    hint = f"run in .venv-{environment}: bash envs/metric-env.sh {environment}"
+    one_line_error(name, package, hint, **dict.fromkeys(files, tmp_path / "absent"))
 
 
 def test_batch_size_must_be_positive(hps_dir: Path) -> None:
