@@ -70,14 +70,24 @@ def main(
 @app.command("make-tiny")
 @_one_line_errors
 def make_tiny_command(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to create (flux/, hpsv2/, pickscore/).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create, one sub-folder per model.")],
     seed: Annotated[int, typer.Option(help="Seed of every random weight.")] = 0,
+    part: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Model to build, repeatable: flux, hpsv2, pickscore, aesthetic (default: all "
+            "four); hpsv3 and imagereward only inside their own environments (.venv-NAME)."
+        ),
+    ] = None,
 ) -> None:
-    """Build tiny random FLUX + reward models in the real on-disk formats (offline, seconds)."""
-    from srpo.tiny import make_tiny
+    """Build tiny random FLUX + scorer models in the real on-disk formats (offline, seconds)."""
+    from srpo.tiny import MAIN_PARTS, make_tiny, manifest_name
 
-    hashes = make_tiny(out_dir, seed)
-    typer.echo(f"wrote {len(hashes)} files to {out_dir} (manifest.json lists their sha256)")
+    parts = tuple(part) if part else MAIN_PARTS
+    hashes = make_tiny(out_dir, seed, parts)
+    typer.echo(
+        f"wrote {len(hashes)} files to {out_dir} ({manifest_name(parts)} lists their sha256)"
+    )
 
 
 @app.command("encode")

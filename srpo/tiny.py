@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from srpo.io import atomic_path, file_hashes, package_versions, write_json
+from srpo.io import InputError, atomic_path, file_hashes, package_versions, write_json
 from srpo.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 HIDDEN = 32
@@ -147,31 +147,53 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
-def make_tiny(out_dir: Path, seed: int = 0) -> dict[str, str]:
-    """Build every tiny model (FLUX and the scorers) under `out_dir` and pin them in a manifest.
+MAIN_PARTS = ("flux", "hpsv2", "pickscore", "aesthetic")
+"""What `srpo make-tiny` builds by default: everything the main environment can load."""
+METRIC_ENV_PARTS = ("hpsv3", "imagereward")
+"""Built inside their own environments (.venv-hpsv3, .venv-imagereward), one part at a time."""
 
-    `manifest.json` is written last, so its presence means the whole set is complete.
-    """
-    from srpo.rewards import aesthetic, hpsv2, pickscore
 
-    out_dir = Path(out_dir)
+def _builder(part: str):
+    from srpo.rewards import aesthetic, hpsv2, hpsv3, imagereward, pickscore
+
     builders = {
         "flux": build_tiny_flux,
         "hpsv2": hpsv2.build_tiny,
         "pickscore": pickscore.build_tiny,
         "aesthetic": aesthetic.build_tiny,
+        "hpsv3": hpsv3.build_tiny,
+        "imagereward": imagereward.build_tiny,
     }
+    return builders[part]
+
+
+def manifest_name(parts: tuple[str, ...]) -> str:
+    """`manifest.json` for the default set, `manifest-<parts>.json` for any other."""
+    return "manifest.json" if parts == MAIN_PARTS else f"manifest-{'+'.join(parts)}.json"
+
+
+def make_tiny(out_dir: Path, seed: int = 0, parts: tuple[str, ...] = MAIN_PARTS) -> dict[str, str]:
+    """Build the tiny models `parts` under `out_dir/<part>` and pin them in a manifest.
+
+    The manifest is written last, so its presence means the whole set is complete.
+    """
+    unknown = sorted(set(parts) - set(MAIN_PARTS) - set(METRIC_ENV_PARTS))
+    if unknown or not parts:
+        known = ", ".join(MAIN_PARTS + METRIC_ENV_PARTS)
+        raise InputError(f"--part: unknown tiny model(s) {unknown}; expected some of {known}")
+    out_dir = Path(out_dir)
     hashes: dict[str, str] = {}
-    for name, build in builders.items():
-        build(out_dir / name, seed)
+    for name in parts:
+        _builder(name)(out_dir / name, seed)
         hashes.update(
             (f"{name}/{path}", digest) for path, digest in file_hashes(out_dir / name).items()
         )
     hashes = dict(sorted(hashes.items()))
     manifest = {
         "seed": seed,
+        "parts": list(parts),
         "packages": package_versions(MANIFEST_PACKAGES),
         "files": hashes,
     }
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(out_dir / manifest_name(tuple(parts)), manifest)
     return hashes

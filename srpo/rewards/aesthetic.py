@@ -10,7 +10,6 @@ and loads through the very same `load`.
 
 from __future__ import annotations
 
-import json
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -22,9 +21,16 @@ from open_clip.factory import load_state_dict
 from PIL import Image
 from torch import nn
 
-from srpo.io import InputError, atomic_path, sha256_file
-from srpo.rewards.hpsv2 import _check_keys, _create, _register_config, _save, _summary
+from srpo.io import InputError, sha256_file
 from srpo.rewards.metric import PixelMetric
+from srpo.rewards.open_clip_io import (
+    check_keys,
+    create_model,
+    first_sentence,
+    register_config,
+    save_deterministic,
+    write_config,
+)
 
 CLIP_MODEL = "ViT-L-14-quickgelu"
 CLIP_CHECKPOINT_NAME = "ViT-L-14.pt"
@@ -120,7 +126,8 @@ def _read_clip_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             return load_state_dict(str(checkpoint), weights_only=not scripted)
     except Exception as error:
         raise InputError(
-            f"{checkpoint}: unreadable CLIP checkpoint ({_summary(error)}); expected {expected}"
+            f"{checkpoint}: unreadable CLIP checkpoint ({first_sentence(error)}); "
+            f"expected {expected}"
         ) from None
 
 
@@ -134,7 +141,7 @@ def _read_mlp(checkpoint: Path, embed_dim: int) -> AestheticMLP:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(
-            f"{checkpoint}: unreadable aesthetic MLP checkpoint ({_summary(error)}); "
+            f"{checkpoint}: unreadable aesthetic MLP checkpoint ({first_sentence(error)}); "
             f"expected {expected}"
         ) from None
     if not isinstance(state, dict) or state.keys() != reference.keys():
@@ -160,10 +167,10 @@ def load(
     """Load the predictor offline: CLIP from its config and checkpoint, then the MLP."""
     clip_checkpoint, mlp_checkpoint = Path(clip_checkpoint), Path(mlp_checkpoint)
     if model_config is not None:
-        model_name = _register_config(model_config)
+        model_name = register_config(model_config)
     state = _read_clip_state(clip_checkpoint)
-    clip = _create(model_name)
-    _check_keys(clip_checkpoint, model_name, state, clip)
+    clip = create_model(model_name)
+    check_keys(clip_checkpoint, model_name, state, clip)
     clip.load_state_dict(state)
     return AestheticModel(clip, _read_mlp(mlp_checkpoint, clip.visual.output_dim))
 
@@ -184,18 +191,15 @@ def load_metric(
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     """Write a random tiny predictor (CLIP, its model config, MLP) into `out_dir`; return it.
 
-    Byte-identical on every run (see `hpsv2._save`); CLIP and MLP draw from one seeded stream.
+    Byte-identical on every run (see `open_clip_io.save_deterministic`); CLIP and MLP draw
+    from one seeded stream.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / CONFIG_NAME
-    with atomic_path(config_path) as staged:
-        staged.write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
-    model_name = _register_config(config_path)
+    model_name = write_config(out_dir, CONFIG_NAME, TINY_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        clip = _create(model_name)
+        clip = create_model(model_name)
         mlp = AestheticMLP(TINY_CONFIG["embed_dim"])
-    _save(out_dir / CLIP_CHECKPOINT_NAME, clip.state_dict())
-    _save(out_dir / MLP_CHECKPOINT_NAME, mlp.state_dict())
+    save_deterministic(out_dir / CLIP_CHECKPOINT_NAME, clip.state_dict())
+    save_deterministic(out_dir / MLP_CHECKPOINT_NAME, mlp.state_dict())
     return out_dir

@@ -8,9 +8,6 @@ A tiny model with the same key layout (ViT-H-14's structure, tiny widths) is bui
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +17,17 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from srpo.io import InputError, atomic_path, sha256_file
+from srpo.io import InputError, sha256_file
 from srpo.rewards.base import CLIP_MEAN, CLIP_STD, RewardModel
 from srpo.rewards.metric import CosineMetric
+from srpo.rewards.open_clip_io import (
+    check_keys,
+    create_model,
+    first_sentence,
+    register_config,
+    save_deterministic,
+    write_config,
+)
 
 CHECKPOINT_NAME = "HPS_v2.1_compressed.pt"
 CONFIG_NAME = "open_clip_config.json"
@@ -59,49 +64,6 @@ class HPSv2Reward(RewardModel):
         return self.model.encode_text(self.tokenizer(prompts).to(self._device))
 
 
-def _register_config(model_config: Path) -> str:
-    """Register an open_clip model-config JSON and return the model name open_clip gives it."""
-    model_config = Path(model_config)
-    try:
-        config = json.loads(model_config.read_text())
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"{model_config}: cannot read the open_clip model config ({type(error).__name__})"
-        ) from None
-    required = ("embed_dim", "vision_cfg", "text_cfg")
-    if not isinstance(config, dict) or not all(key in config for key in required):
-        raise InputError(
-            f"{model_config}: not an open_clip model config (expected keys {', '.join(required)})"
-        )
-    open_clip.add_model_config(model_config)
-    return model_config.stem
-
-
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns "initialized randomly" with pretrained=None; the weights come next."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-def _create(model_name: str) -> open_clip.CLIP:
-    if open_clip.get_model_config(model_name) is None:
-        raise InputError(
-            f"open_clip has no model config named {model_name!r}; pass model_config=<json>"
-        )
-    root, quiet = logging.getLogger(), _DropRandomInitWarning()
-    root.addFilter(quiet)
-    try:
-        return open_clip.create_model(model_name, pretrained=None)
-    finally:
-        root.removeFilter(quiet)
-
-
-def _summary(error: Exception) -> str:
-    """The first sentence of an error: torch's load errors run to many lines of advice."""
-    return str(error).strip().split("\n")[0].split(". ")[0] or type(error).__name__
-
-
 def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
     expected = f"a torch file holding {{'state_dict': …}} for open_clip {model_name}"
     if not checkpoint.is_file():
@@ -110,35 +72,12 @@ def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tenso
         payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:
         raise InputError(
-            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({_summary(error)}); expected {expected}"
+            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({first_sentence(error)}); "
+            f"expected {expected}"
         ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         raise InputError(f"{checkpoint}: no 'state_dict' entry; expected {expected}")
     return payload["state_dict"]
-
-
-def _check_keys(
-    checkpoint: Path, model_name: str, state: dict[str, torch.Tensor], model: torch.nn.Module
-) -> None:
-    """Say in one line how the checkpoint differs from the model, instead of torch's stack."""
-    reference = model.state_dict()
-    missing = sorted(reference.keys() - state.keys())
-    unexpected = sorted(state.keys() - reference.keys())
-    reshaped = sorted(
-        key
-        for key in reference.keys() & state.keys()
-        if not isinstance(state[key], torch.Tensor) or state[key].shape != reference[key].shape
-    )
-    problems = [
-        f"{len(keys)} {what} (e.g. {keys[0]!r})"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
-        if keys
-    ]
-    if problems:
-        raise InputError(
-            f"{checkpoint}: state_dict does not match open_clip {model_name} "
-            f"({len(reference)} keys expected): {'; '.join(problems)}"
-        )
 
 
 def load(
@@ -147,10 +86,10 @@ def load(
     """Load HPSv2.1 the way the hpsv2 package does, offline: config, then the state dict."""
     checkpoint = Path(checkpoint)
     if model_config is not None:
-        model_name = _register_config(model_config)
+        model_name = register_config(model_config)
     state = _read_state_dict(checkpoint, model_name)
-    model = _create(model_name)
-    _check_keys(checkpoint, model_name, state, model)
+    model = create_model(model_name)
+    check_keys(checkpoint, model_name, state, model)
     model.load_state_dict(state)
     return HPSv2Reward(model, open_clip.get_tokenizer(model_name))
 
@@ -195,32 +134,15 @@ def load_metric(
     return HPSv2Metric(reward, {str(checkpoint): sha256_file(checkpoint)}, batch_size)
 
 
-def _save(path: Path, payload: object) -> None:
-    """torch.save, byte-identical on every run, written atomically.
-
-    torch.save goes to memory first, so the zip's record prefix is always `archive/` (saving to a
-    path would name it after the file), and its other records (serialization id included) depend
-    only on the tensors.
-    """
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_path(path) as staged:
-        staged.write_bytes(buffer.getvalue())
-
-
 def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     """Write a random tiny HPSv2.1 (checkpoint + model config) into `out_dir`; return `out_dir`.
 
-    Byte-identical on every run (see `_save`).
+    Byte-identical on every run (see `open_clip_io.save_deterministic`).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_path = out_dir / CONFIG_NAME
-    with atomic_path(config_path) as staged:
-        staged.write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
-    model_name = _register_config(config_path)
+    model_name = write_config(out_dir, CONFIG_NAME, TINY_CONFIG)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _create(model_name)
-    _save(out_dir / CHECKPOINT_NAME, {"state_dict": model.state_dict()})
+        model = create_model(model_name)
+    save_deterministic(out_dir / CHECKPOINT_NAME, {"state_dict": model.state_dict()})
     return out_dir
