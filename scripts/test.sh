@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (idempotent) and run the test suite stage by stage:
-# lint → unit → distributed → workflow. Stops at the first failing stage.
+# lint → unit → distributed → workflow → metric-envs. Stops at the first failing stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
@@ -19,4 +19,9 @@ stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Sn
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
 stage workflow .venv/bin/python -m pytest -q tests/workflow
+stage metric-envs bash -c 'set -e
+  bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward
+  .venv-hpsv3/bin/python -m pytest -q tests/metric_envs/test_hpsv3.py
+  .venv-imagereward/bin/python -m pytest -q tests/metric_envs/test_imagereward.py
+  SRPO_REQUIRE_METRIC_ENVS=1 .venv/bin/python -m pytest -q tests/metric_envs/test_all_metrics.py'
 echo "=== all stages passed in $SECONDS s"
