@@ -21,10 +21,11 @@ for _metric in config["metrics"]:
             cpus_per_task=resources(f"score_{_metric}", "cpus"),
             gpu=resources(f"score_{_metric}", "gpu"),
         params:
+            srpo=config["metrics"][_metric].get("command", "srpo"),
             metric=_metric,
             samples=samples_option(),
             weights=metric_weights(_metric),
             batch=config["metrics"][_metric].get("batch_size", 8),
         shell:
-            "srpo score --metric {params.metric} {params.samples} {params.weights}"
+            "{params.srpo} score --metric {params.metric} {params.samples} {params.weights}"
             " --batch-size {params.batch} --out {output.scores} > {log} 2>&1"
