@@ -79,7 +79,7 @@ def run_srpo(
     )
 
 
-def start_srpo(config: Path, nproc: int, **env: str) -> subprocess.Popen:
+def start_srpo(config: Path, nproc: int | None, **env: str) -> subprocess.Popen:
     """Start a training launch in its own session (so a test can kill the whole group)."""
     return subprocess.Popen(
         srpo_command(config, nproc),

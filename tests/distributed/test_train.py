@@ -148,3 +148,16 @@ image.save({str(out)!r})
     folder = tmp_path / "quick" / "model" / "transformer"
     assert (folder / "config.json").is_file()
     assert (tmp_path / "quick" / "model" / "provenance.json").is_file()
+
+
+def test_sigusr1_stops_a_single_process_run_with_status_75(write_config, tmp_path):
+    """Slurm's `--signal=USR1@…` path without torchrun: checkpoint, then exit status 75."""
+    config = write_config("usr1", max_steps=50, checkpoint_every=1)
+    process = start_srpo(config, None)
+    wait_for(lambda: checkpoints(tmp_path / "usr1").latest() is not None, process)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 75, err[-3000:]
+    assert f"stopped by signal {int(signal.SIGUSR1)}" in err
+    stopped_at = int(checkpoints(tmp_path / "usr1").latest().name.split("-")[1])
+    assert stopped_at < 50
