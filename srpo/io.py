@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+PROVENANCE_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_JOB_NODELIST")
+"""Where a result was computed: the GPUs a job was given and its Slurm job."""
 PROVENANCE_PACKAGES = (
     "torch",
     "torchvision",
@@ -142,6 +144,7 @@ def provenance(config: Any, weights: dict[str, Path] | None = None) -> dict[str,
         "git_commit": git_commit(),
         "packages": package_versions(),
         "host": socket.gethostname(),
+        "environment": {name: os.environ.get(name) for name in PROVENANCE_ENVIRONMENT},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "weights": {name: file_hashes(path) for name, path in (weights or {}).items()},
     }
