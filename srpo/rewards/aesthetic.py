@@ -27,6 +27,7 @@ from srpo.rewards.open_clip_io import (
     check_keys,
     create_model,
     first_sentence,
+    load_checkpoint,
     register_config,
     save_deterministic,
     write_config,
@@ -135,15 +136,7 @@ def _read_mlp(checkpoint: Path, embed_dim: int) -> AestheticMLP:
     mlp = AestheticMLP(embed_dim)
     reference = mlp.state_dict()
     expected = f"the aesthetic MLP state dict ({', '.join(reference)})"
-    if not checkpoint.is_file():
-        raise InputError(f"{checkpoint}: aesthetic MLP checkpoint not found (expected {expected})")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(
-            f"{checkpoint}: unreadable aesthetic MLP checkpoint ({first_sentence(error)}); "
-            f"expected {expected}"
-        ) from None
+    state = load_checkpoint(checkpoint, "aesthetic MLP checkpoint", expected)
     if not isinstance(state, dict) or state.keys() != reference.keys():
         raise InputError(f"{checkpoint}: not {expected}")
     for key, tensor in reference.items():

@@ -23,7 +23,7 @@ from srpo.rewards.metric import CosineMetric
 from srpo.rewards.open_clip_io import (
     check_keys,
     create_model,
-    first_sentence,
+    load_checkpoint,
     register_config,
     save_deterministic,
     write_config,
@@ -66,15 +66,7 @@ class HPSv2Reward(RewardModel):
 
 def _read_state_dict(checkpoint: Path, model_name: str) -> dict[str, torch.Tensor]:
     expected = f"a torch file holding {{'state_dict': …}} for open_clip {model_name}"
-    if not checkpoint.is_file():
-        raise InputError(f"{checkpoint}: HPSv2.1 checkpoint not found (expected {expected})")
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InputError(
-            f"{checkpoint}: unreadable HPSv2.1 checkpoint ({first_sentence(error)}); "
-            f"expected {expected}"
-        ) from None
+    payload = load_checkpoint(checkpoint, "HPSv2.1 checkpoint", expected)
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         raise InputError(f"{checkpoint}: no 'state_dict' entry; expected {expected}")
     return payload["state_dict"]

@@ -105,3 +105,16 @@ def write_config(out_dir: Path, name: str, config: dict) -> str:
     with atomic_path(out_dir / name) as staged:
         staged.write_text(json.dumps(config, indent=2) + "\n")
     return register_config(out_dir / name)
+
+
+def load_checkpoint(checkpoint: Path, what: str, expected: str) -> object:
+    """torch.load (weights only) of a published checkpoint, or one line saying what is wrong."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise InputError(f"{checkpoint}: {what} not found (expected {expected})")
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InputError(
+            f"{checkpoint}: unreadable {what} ({first_sentence(error)}); expected {expected}"
+        ) from None
