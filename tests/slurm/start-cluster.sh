@@ -2,7 +2,7 @@
 # Start a one-node local Slurm cluster (Debian's slurm-wlm 22.05 + munge) for tests and demos.
 #
 #   sudo tests/slurm/start-cluster.sh          # state in /tmp/srpo-slurm (or $SRPO_SLURM_DIR)
-#   export SLURM_CONF=/tmp/srpo-slurm/slurm.conf
+#   export SLURM_CONF=/tmp/srpo-slurm/slurm.conf   # (/etc/slurm/slurm.conf also links to it)
 #   tests/slurm/stop-cluster.sh                # stops it again
 #
 # Idempotent: with the cluster already up it only reports it. Must run as root (apt-get, mknod,
@@ -132,8 +132,8 @@ DefMemPerCPU=1000
 # No slurmdbd: no accounting. Snakemake's slurm plugin must poll with squeue, not sacct.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-# Track GPUs as a TRES so `scontrol show job` lists gres/gpu in its TRES= line.
-AccountingStorageTRES=gres/gpu
+# (No AccountingStorageTRES=gres/gpu: slurmctld exits "slurmdbd is required to run with TRES
+# gres/gpu". "scontrol -d show job" still lists the GPUs: JOB_GRES=, TresPerJob=.)
 JobCompType=jobcomp/none
 # A node that was down (daemon restart) comes back by itself.
 ReturnToService=2
@@ -165,9 +165,23 @@ EOF
 
 echo "export SLURM_CONF=$CONF" >"$DIR/env.sh"
 
+# Clients also need the config at the default path /etc/slurm/slurm.conf: Snakemake's slurm
+# jobstep plugin strips every SLURM_* variable (SLURM_CONF included) from the environment of
+# the `srun` it runs inside each job, and that srun then fails with "Could not establish a
+# configuration source". The canonical copy stays in $DIR; /etc/slurm gets a symlink to it.
+# A real file there (a site's own config) is left alone, with a warning.
+ETC_CONF=/etc/slurm/slurm.conf
+if [ -e "$ETC_CONF" ] && [ ! -L "$ETC_CONF" ]; then
+    echo "start-cluster: WARNING: $ETC_CONF is a real file, not replaced; jobs run by Snakemake" \
+        "(nested srun without SLURM_CONF) will use it, not $CONF" >&2
+else
+    mkdir -p /etc/slurm
+    ln -sfn "$CONF" "$ETC_CONF"
+fi
+
 # ---- daemons -----------------------------------------------------------------------------
-# Both daemonise and write their pid files into $DIR. SLURM_CONF (and -f) keep them off
-# /etc/slurm, so nothing outside $DIR is written for Slurm.
+# Both daemonise and write their pid files into $DIR. -f and SLURM_CONF name the config
+# explicitly; gres.conf is read from the same directory.
 export SLURM_CONF="$CONF"
 if ! pid_alive "$DIR/slurmctld.pid" slurmctld; then
     rm -f "$DIR/slurmctld.pid"
@@ -179,9 +193,24 @@ if ! pid_alive "$DIR/slurmd.pid" slurmd; then
 fi
 
 # ---- wait for the node ---------------------------------------------------------------------
+# Both daemons fork before reading all of their configuration, so a fatal config error (one
+# met: AccountingStorageTRES=gres/gpu without slurmdbd) only shows as the daemon vanishing.
+# Check that they are still alive rather than waiting out the full timeout.
+daemons_alive() {
+    local d line
+    for d in slurmctld slurmd; do
+        if ! pid_alive "$DIR/$d.pid" "$d"; then
+            line="$(grep -E 'fatal|error' "$DIR/$d.log" 2>/dev/null | tail -n1 || true)"
+            die "$d exited during start-up: ${line:-see $DIR/$d.log} (run stop-cluster.sh to clean up)"
+        fi
+    done
+}
+started=$SECONDS
 deadline=$(( SECONDS + WAIT_S ))
 state=""
 while [ "$SECONDS" -lt "$deadline" ]; do
+    # Give the forked daemons a moment to write their pid files before checking them.
+    [ $(( SECONDS - started )) -ge 2 ] && daemons_alive
     state="$(node_state)"
     case "$state" in
         idle | mixed | allocated) break ;;
