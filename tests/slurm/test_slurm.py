@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -110,3 +111,84 @@ def test_tiny_workflow_through_sbatch(tmp_path):
         ).read_text()
     )
     assert state["world_size"] == 2  # two processes inside ONE Slurm job
+    shards = list((folder / "results/tiny/samples").glob("*/manifests/shard-*-of-*.json"))
+    granted = {json.loads(m.read_text())["provenance"]["environment"]["CUDA_VISIBLE_DEVICES"]
+               for m in shards}  # fmt: skip
+    assert shards and granted <= {"0", "1"}, granted  # one fake GPU each, from Slurm
+
+
+def wait_for_job(comment: str, process: subprocess.Popen, timeout: float = 600) -> str:
+    """The id of the running Slurm job whose comment names `comment` (the rule)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"snakemake ended early: {process.communicate()[1][-3000:]}")
+        listing = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %k"], capture_output=True,
+                                 text=True, timeout=15).stdout  # fmt: skip
+        for line in listing.splitlines():
+            job, _, note = line.partition(" ")
+            if comment in note:
+                return job
+        time.sleep(0.5)
+    raise AssertionError(f"no running {comment} job within {timeout} s")
+
+
+def test_scancel_fails_the_job_and_a_rerun_completes_the_rest(tmp_path):
+    folder = copy_workflow(tmp_path)
+    process = subprocess.Popen([SNAKEMAKE, *OVERRIDE], cwd=folder, env=env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    job = wait_for_job("rule_train_srpo", process)
+    time.sleep(3)
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    started = time.monotonic()
+    _, err = process.communicate(timeout=600)
+    assert process.returncode != 0
+    assert time.monotonic() - started < 300, "snakemake took too long to notice the cancel"
+    assert "train_srpo" in err and "Error" in err, err[-3000:]
+    model = folder / "results" / "tiny" / "train" / "model"
+    assert not model.exists(), "a cancelled training left a (partial) export"
+
+    plan = snakemake(folder, "-n")
+    planned = set(re.findall(r"^(\w+)\s+\d+\s*$", plan.stdout.split("Job stats:")[1], re.M))
+    assert "train_srpo" in planned and not planned & {"prepare_prompts", "encode_prompts"}
+    result = snakemake(folder)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert (folder / "results" / "tiny" / "report" / "report.md").is_file()
+
+
+def test_paper_sbatch_arguments(tmp_path):
+    """The plugin's own sbatch calls for the paper config: GPUs, nodes, memory, time, cpus.
+
+    The jobs ask for more than this one-node cluster has, so Slurm refuses them and the plugin
+    reports each refused call; nothing runs, and no weights are needed.
+    """
+    folder = copy_workflow(tmp_path)
+    paper = folder / "results" / "paper"
+    for name in ("prompts/train.txt", "prompts/eval.csv", "prompts/manifest.json",
+                 "embeddings/index.json"):  # fmt: skip
+        (paper / name).parent.mkdir(parents=True, exist_ok=True)
+        (paper / name).write_text("placeholder\n")
+        time.sleep(0.05)
+    log_file = tmp_path / "snakemake.log"
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(
+            [SNAKEMAKE, *OVERRIDE, "--configfile", "config/paper.yaml", "--verbose",
+             "results/paper/train/model/diffusion_pytorch_model.safetensors",
+             "results/paper/samples/base/manifests/shard-000-of-016.json"],
+            cwd=folder, env=env(), text=True, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        calls: list[str] = []
+        while len(calls) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            calls = re.findall(r"sbatch call: (.*)", log_file.read_text())
+        process.send_signal(signal.SIGINT)  # Snakemake cancels its (pending) jobs and exits
+        process.wait(timeout=120)
+    assert len(calls) == 2, log_file.read_text()[-4000:]
+    train = next(c for c in calls if "rule_train_srpo" in c)
+    sample = next(c for c in calls if "rule_sample_eval" in c)
+    assert "--nodes=4" in train and "--gres=gpu:8" in train and "--gpus" not in train
+    assert re.search(r"--mem[= ]400000", train) and re.search(r"(-t|--time)[= ]120\b", train)
+    assert "--cpus-per-task=64" in train
+    assert "--gpus=1" in sample and re.search(r"--mem[= ]64000", sample)
+    assert re.search(r"(-t|--time)[= ]240\b", sample)
