@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from support import REPO, run_env
 
 pytestmark = pytest.mark.slurm
@@ -111,7 +112,7 @@ def test_tiny_workflow_through_sbatch(tmp_path):
         ).read_text()
     )
     assert state["world_size"] == 2  # two processes inside ONE Slurm job
-    shards = list((folder / "results/tiny/samples").glob("*/manifests/shard-*-of-*.json"))
+    shards = list((folder / "results/tiny/samples").glob("*/manifests/shard-???-of-???.json"))
     granted = {json.loads(m.read_text())["provenance"]["environment"]["CUDA_VISIBLE_DEVICES"]
                for m in shards}  # fmt: skip
     assert shards and granted <= {"0", "1"}, granted  # one fake GPU each, from Slurm
@@ -192,3 +193,34 @@ def test_paper_sbatch_arguments(tmp_path):
     assert "--cpus-per-task=64" in train
     assert "--gpus=1" in sample and re.search(r"--mem[= ]64000", sample)
     assert re.search(r"(-t|--time)[= ]240\b", sample)
+
+
+def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
+    """`--signal=TERM@90` on a 2-minute training job: Slurm stops it near the limit, the
+    trainer checkpoints, the job fails; the re-run resumes from that checkpoint."""
+    folder = copy_workflow(tmp_path)
+    training = yaml.safe_load((folder / "config" / "train-tiny.yaml").read_text())
+    training.update(max_steps=5000, checkpoint_every=5000)
+    (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
+    config = yaml.safe_load((folder / "config" / "config.yaml").read_text())
+    config["train"]["config"] = "config/train-long.yaml"
+    config["resources"]["train_srpo"].update(runtime=2, slurm_extra="--signal=TERM@90")
+    (folder / "config" / "long.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/tiny/train/model/diffusion_pytorch_model.safetensors"
+
+    first = snakemake(folder, "--configfile", "config/long.yaml", target, timeout=600)
+    assert first.returncode != 0
+    train_log = (folder / "results" / "tiny" / "logs" / "train_srpo.log").read_text()
+    assert "stopped by signal 15" in train_log, train_log[-3000:]
+    checkpoints = sorted((folder / "results/tiny/train/checkpoints").glob("step-*"))
+    assert checkpoints, "no checkpoint written before the time limit"
+    stopped_at = int(checkpoints[-1].name.split("-")[1])
+    assert 0 < stopped_at < 5000
+
+    training.update(max_steps=stopped_at + 2)
+    (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
+    second = snakemake(folder, "--configfile", "config/long.yaml", target, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    train_log = (folder / "results" / "tiny" / "logs" / "train_srpo.log").read_text()
+    assert f"resumed from results/tiny/train/checkpoints/step-{stopped_at:08d}" in train_log
+    assert (folder / target).is_file()

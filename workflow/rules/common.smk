@@ -53,9 +53,9 @@ def image(env):
     return config["containers"][env]
 
 
-def resources(rule_name, key):
+def resources(rule_name, key, fallback=None):
     table = config["resources"]
-    return {**table["default"], **table.get(rule_name, {})}[key]
+    return {**table["default"], **table.get(rule_name, {})}.get(key, fallback)
 
 
 def launcher(procs):

@@ -18,6 +18,7 @@ rule train_srpo:
         gpu=train_gpus("gpu"),
         gres=train_gpus("gres"),
         nodes=config["train"].get("nodes", 1),
+        slurm_extra=resources("train_srpo", "slurm_extra", ""),
     params:
         launch=train_launcher(),
         base=base_model(),
