@@ -208,7 +208,7 @@ def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
     (folder / "config" / "long.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/tiny/train/model/diffusion_pytorch_model.safetensors"
 
-    first = snakemake(folder, "--configfile", "config/long.yaml", target, timeout=600)
+    first = snakemake(folder, target, "--configfile", "config/long.yaml", timeout=600)
     assert first.returncode != 0
     train_log = (folder / "results" / "tiny" / "logs" / "train_srpo.log").read_text()
     assert "stopped by signal 15" in train_log, train_log[-3000:]
@@ -219,7 +219,7 @@ def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
 
     training.update(max_steps=stopped_at + 2)
     (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
-    second = snakemake(folder, "--configfile", "config/long.yaml", target, timeout=600)
+    second = snakemake(folder, target, "--configfile", "config/long.yaml", timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     train_log = (folder / "results" / "tiny" / "logs" / "train_srpo.log").read_text()
     assert f"resumed from results/tiny/train/checkpoints/step-{stopped_at:08d}" in train_log
