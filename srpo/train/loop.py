@@ -25,7 +25,7 @@ from srpo.algorithm import (
     sigma_schedule,
 )
 from srpo.config import TrainConfig
-from srpo.encode import EmbeddingCache
+from srpo.encode import Conditioning, EmbeddingCache
 from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, make_velocity
 from srpo.flux import vae_scale_factor as scale_of
 from srpo.io import InputError, provenance
@@ -171,7 +171,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ step
-    def _x0(self, numbers: list[int], cond_embeds, pooled, text_ids, noise) -> torch.Tensor:
+    def _x0(self, numbers: list[int], cond: Conditioning, noise: torch.Tensor) -> torch.Tensor:
         """Clean latents the branches start from: rollout (online) or real images (offline)."""
         if self.config.mode == "offline":
             images = torch.stack(
@@ -184,9 +184,9 @@ class Trainer:
         velocity = make_velocity(
             self.model,
             self.geometry,
-            cond_embeds,
-            pooled,
-            text_ids,
+            cond.prompt_embeds,
+            cond.pooled_prompt_embeds,
+            cond.text_ids,
             self.config.rollout_guidance,
             self.guidance_embeds,
         )
@@ -203,7 +203,7 @@ class Trainer:
         numbers = numbers[first : first + self.local_batch]
         cond = self.cache.get(numbers).to(device, torch.float32)
         noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
-        x0 = self._x0(numbers, cond.prompt_embeds, cond.pooled_prompt_embeds, cond.text_ids, noise)
+        x0 = self._x0(numbers, cond, noise)
 
         stats = StepStats()
         for row, sample in enumerate(samples):
