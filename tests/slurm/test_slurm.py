@@ -196,15 +196,17 @@ def test_paper_sbatch_arguments(tmp_path):
 
 
 def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
-    """`--signal=TERM@90` on a 2-minute training job: Slurm stops it near the limit, the
-    trainer checkpoints, the job fails; the re-run resumes from that checkpoint."""
+    """`--signal=TERM@60` on a 3-minute training job: Slurm stops it before the limit (its
+    signal may come up to 60 s early), the trainer checkpoints, the job fails; the re-run,
+    without the limit, resumes from that checkpoint."""
     folder = copy_workflow(tmp_path)
     training = yaml.safe_load((folder / "config" / "train-tiny.yaml").read_text())
     training.update(max_steps=5000, checkpoint_every=5000)
     (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
     config = yaml.safe_load((folder / "config" / "config.yaml").read_text())
     config["train"]["config"] = "config/train-long.yaml"
-    config["resources"]["train_srpo"].update(runtime=2, slurm_extra="--signal=TERM@90")
+    (folder / "config" / "resume.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    config["resources"]["train_srpo"].update(runtime=3, slurm_extra="--signal=TERM@60")
     (folder / "config" / "long.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/tiny/train/model/diffusion_pytorch_model.safetensors"
 
@@ -219,7 +221,7 @@ def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
 
     training.update(max_steps=stopped_at + 2)
     (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
-    second = snakemake(folder, target, "--configfile", "config/long.yaml", timeout=600)
+    second = snakemake(folder, target, "--configfile", "config/resume.yaml", timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     train_log = (folder / "results" / "tiny" / "logs" / "train_srpo.log").read_text()
     assert f"resumed from results/tiny/train/checkpoints/step-{stopped_at:08d}" in train_log
