@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import try_to_load_from_cache
@@ -85,22 +86,20 @@ def _reason(path: str | Path, error: Exception) -> str:
     return f"no such folder, and not loadable as a hub id: {detail}"
 
 
+def _from_pretrained(loader: Any, path: str | Path, what: str, **options: Any) -> Any:
+    """`loader.from_pretrained(path)`, or one line naming the path and what was expected."""
+    try:
+        return loader.from_pretrained(str(path), **options)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot load {what} ({_reason(path, error)})") from None
+
+
 def load(model_path: str | Path, processor_path: str | Path | None = None) -> PickScoreReward:
     """Load PickScore from hub ids or folders (real: yuvalkirstain/PickScore_v1 and
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K for the processor)."""
     processor_path = model_path if processor_path is None else processor_path
-    try:
-        model = CLIPModel.from_pretrained(str(model_path))
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"{model_path}: cannot load a transformers CLIPModel ({_reason(model_path, error)})"
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(processor_path))
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"{processor_path}: cannot load a CLIP tokenizer ({_reason(processor_path, error)})"
-        ) from None
+    model = _from_pretrained(CLIPModel, model_path, "a transformers CLIPModel")
+    tokenizer = _from_pretrained(AutoTokenizer, processor_path, "a CLIP tokenizer")
     return PickScoreReward(model, tokenizer)
 
 
@@ -150,13 +149,9 @@ def load_metric(
     """
     processor_path = model_path if processor_path is None else processor_path
     reward = load(model_path, processor_path)
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(str(processor_path), backend="pil")
-    except (OSError, ValueError) as error:
-        raise InputError(
-            f"{processor_path}: cannot load a CLIP image processor "
-            f"({_reason(processor_path, error)})"
-        ) from None
+    image_processor = _from_pretrained(
+        AutoImageProcessor, processor_path, "a CLIP image processor", backend="pil"
+    )
     weights = _weight_file(model_path)
     hashes = {str(weights): sha256_file(weights)}
     return PickScoreMetric(reward, image_processor, hashes, batch_size)
