@@ -9,6 +9,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# The image of each rule's environment, under every config (config/containers.yaml).
+configfile: "config/containers.yaml"
+
+
 # The embedded tiny default, unless the command line names a config (--configfile or a
 # profile's `configfile:`): then that file alone is the config, not a merge with the default.
 if not workflow.overwrite_configfiles:
@@ -26,6 +30,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/containers.smk"
 
 
 rule all:

@@ -11,9 +11,9 @@
 # seconds with a warm pip cache instead of a second 6 GB install. Packages that only the main
 # .venv has stay importable here (open_clip, snakemake, ...); scoring does not use them.
 #
-# Containers and clusters do not layer: the metric's image installs the same lock fully,
-# `pip install --no-deps -r envs/NAME.lock.txt` and then `pip install --no-deps .`, so the
-# packages the metric runs with are the very pins this environment resolves to.
+# The metric's image (containers/Dockerfile, ENV_NAME=NAME) runs this same script over the main
+# environment of the image, so the packages a metric runs with in its container are the very
+# ones CI tests here; every pin is installed with its hashes from envs/NAME.lock.txt.
 #
 # Usage (from anywhere): bash envs/metric-env.sh NAME   (needs the main .venv first)
 set -euo pipefail
@@ -35,11 +35,13 @@ overlay=$venv/overlay.txt
 import sys
 from importlib import metadata
 
-for line in open(sys.argv[1]):
+# A requirement of the lock is one logical line: `name==version \` and its `--hash=` lines.
+text = open(sys.argv[1]).read().replace("\\\n", " ")
+for line in text.splitlines():
     requirement = line.split("#")[0].strip()
     if not requirement:
         continue
-    name, version = requirement.split("==")
+    name, version = requirement.split()[0].split("==")
     try:
         present = metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -48,7 +50,7 @@ for line in open(sys.argv[1]):
         print(requirement)
 EOF
 if [[ -s $overlay ]]; then
-  "$main/bin/pip" --python "$venv/bin/python" install --quiet --no-deps -r "$overlay"
+  "$main/bin/pip" --python "$venv/bin/python" install --quiet --no-deps --require-hashes -r "$overlay"
 fi
 
 # Written last, so that pip above saw only this venv and never touched the main one. An `import`

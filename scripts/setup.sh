@@ -8,8 +8,7 @@ python=${PYTHON:-python3.11}
 stamp=.venv/.lock.sha256
 want=$(sha256sum envs/main.lock.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/pip install --quiet --upgrade "pip>=24"
-  .venv/bin/pip install --quiet -r envs/main.lock.txt
+  .venv/bin/pip install --quiet --require-hashes -r envs/main.lock.txt
   echo "$want" > "$stamp"
 fi
 .venv/bin/pip install --quiet --no-deps --no-build-isolation -e .

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # Set up the environment (idempotent) and run the test suite stage by stage:
-# lint → unit → distributed → workflow → metric-envs → slurm. Stops at the first failing stage.
+# lint → unit → distributed → workflow → metric-envs → slurm → containers. Stops at the first
+# failing stage. `bash scripts/test.sh STAGE...` runs only those stages (setup always runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
 
+only=" $* "
 stage() {
   local name=$1; shift
+  [[ $name == setup || $only == "  " || $only == *" $name "* ]] || return 0
   local start=$SECONDS
   echo "=== stage: $name"
   "$@"
   echo "=== stage $name passed in $((SECONDS - start)) s"
 }
 
-stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps -r envs/test-reference.txt'
+stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps --require-hashes -r envs/test-reference.lock.txt'
 export PATH="$PWD/.venv/bin:$PATH"
-stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow && snakemake --lint'
+# `snakemake --lint` needs every rule's image: it runs in the containers stage, once they exist.
+stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow &&
+  hadolint containers/Dockerfile && python containers/check.py dockerfile containers/Dockerfile'
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
 stage workflow .venv/bin/python -m pytest -q tests/workflow
@@ -24,11 +29,24 @@ stage metric-envs bash -c 'set -e
   .venv-hpsv3/bin/python -m pytest -q tests/metric_envs/test_hpsv3.py
   .venv-imagereward/bin/python -m pytest -q tests/metric_envs/test_imagereward.py
   SRPO_REQUIRE_METRIC_ENVS=1 .venv/bin/python -m pytest -q tests/metric_envs/test_all_metrics.py'
-slurm_stage() {
+slurm_stage() (
   bash tests/slurm/start-cluster.sh
   trap 'bash tests/slurm/stop-cluster.sh' EXIT
   SLURM_CONF=${SRPO_SLURM_DIR:-/tmp/srpo-slurm}/slurm.conf SRPO_REQUIRE_SLURM=1 \
     .venv/bin/python -m pytest -q tests/slurm
-}
+)
 stage slurm slurm_stage
+# The CPU images of the three environments, pushed to a local registry: containers/build.sh
+# writes their digests into config/containers.yaml (restored afterwards), which the lint, the
+# paper dry run and the in-container tiny workflow then use.
+containers_stage() (
+  bash tests/containers/start-engine.sh
+  cp config/containers.yaml "${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig"
+  trap 'cp "${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig" config/containers.yaml
+    bash tests/containers/stop-engine.sh' EXIT
+  bash containers/build.sh --variant cpu --push 127.0.0.1:5000/srpo-workflow
+  snakemake --lint
+  SRPO_REQUIRE_CONTAINERS=1 .venv/bin/python -m pytest -q tests/containers
+)
+stage containers containers_stage
 echo "=== all stages passed in $SECONDS s"

@@ -5,6 +5,7 @@ import os
 import yaml
 from jsonschema import Draft202012Validator
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 
@@ -48,9 +49,51 @@ def model_files():
     return [f"{OUT}/models/manifest.json"] if config["tiny_models"] else []
 
 
-def image(env):
-    """The pinned image of an environment (config `containers`), used with --sdm apptainer."""
-    return config["containers"][env]
+CONTAINER_IMAGES = config["containers"]["images"]
+CONTAINER_RULES = config["containers"]["rules"]
+
+
+def image_of(rule_name):
+    """The image (by digest) of the rule's environment in config/containers.yaml; None, so no
+    container, while the images are not built (containers.smk refuses --sdm apptainer then).
+    """
+    return CONTAINER_IMAGES.get(CONTAINER_RULES.get(rule_name))
+
+
+def check_containers():
+    """Stop before any job, with one line, if a job would run outside its image."""
+    missing_images = set()
+    for step in workflow.rules:
+        if step.shellcmd is None and step.run_func is None:
+            continue
+        env = CONTAINER_RULES.get(step.name)
+        if env is None:
+            raise WorkflowError(
+                f"config/containers.yaml: containers.rules has no environment for {step.name}"
+            )
+        if CONTAINER_IMAGES.get(env) is None:
+            missing_images.add(env)
+        elif step.container_img != CONTAINER_IMAGES[env]:
+            raise WorkflowError(
+                f"{step.name}: container: {step.container_img!r} is not the image of its"
+                f" environment {env} ({CONTAINER_IMAGES[env]}); use image_of({step.name!r})"
+            )
+    if missing_images:
+        raise WorkflowError(
+            f"config/containers.yaml: containers.images.{{{','.join(sorted(missing_images))}}}"
+            " is null: build and push the images first (bash containers/build.sh --push"
+            " REGISTRY), or run without --sdm apptainer"
+        )
+
+
+def list_containers():
+    """Each step's environment and image, so that a dry run shows the image of every job."""
+    lines = [
+        f"    {step.name:<20} {CONTAINER_RULES[step.name]:<12} {step.container_img}"
+        for step in sorted(workflow.rules, key=lambda step: step.name)
+        if step.container_img
+    ]
+    logger.info("Container images (step, environment, image):\n" + "\n".join(lines))
 
 
 def resources(rule_name, key, fallback=None):

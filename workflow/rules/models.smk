@@ -6,7 +6,7 @@ rule build_tiny_models:
     benchmark:
         f"{OUT}/benchmarks/build_tiny_models.tsv"
     container:
-        image("main")
+        image_of("build_tiny_models")
     resources:
         mem_mb=resources("build_tiny_models", "mem_mb"),
         runtime=resources("build_tiny_models", "runtime"),

@@ -8,7 +8,7 @@ rule prepare_prompts:
     benchmark:
         f"{OUT}/benchmarks/prepare_prompts.tsv"
     container:
-        image("main")
+        image_of("prepare_prompts")
     resources:
         mem_mb=resources("prepare_prompts", "mem_mb"),
         runtime=resources("prepare_prompts", "runtime"),
@@ -44,7 +44,7 @@ rule encode_prompts:
     benchmark:
         f"{OUT}/benchmarks/encode_prompts.tsv"
     container:
-        image("main")
+        image_of("encode_prompts")
     resources:
         mem_mb=resources("encode_prompts", "mem_mb"),
         runtime=resources("encode_prompts", "runtime"),

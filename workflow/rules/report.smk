@@ -31,7 +31,7 @@ rule report:
     benchmark:
         f"{OUT}/benchmarks/report.tsv"
     container:
-        image("main")
+        image_of("report")
     resources:
         mem_mb=resources("report", "mem_mb"),
         runtime=resources("report", "runtime"),

@@ -10,7 +10,7 @@ rule sample_eval:
     benchmark:
         f"{OUT}/benchmarks/sample_eval/{{model}}-{{shard}}.tsv"
     container:
-        image("main")
+        image_of("sample_eval")
     resources:
         mem_mb=resources("sample_eval", "mem_mb"),
         runtime=resources("sample_eval", "runtime"),
@@ -46,7 +46,7 @@ rule gather_samples:
     benchmark:
         f"{OUT}/benchmarks/gather_samples/{{model}}.tsv"
     container:
-        image("main")
+        image_of("gather_samples")
     resources:
         mem_mb=resources("gather_samples", "mem_mb"),
         runtime=resources("gather_samples", "runtime"),

@@ -14,7 +14,7 @@ for _metric in config["metrics"]:
         benchmark:
             f"{OUT}/benchmarks/score/{_metric}.tsv"
         container:
-            image(config["metrics"][_metric].get("env", "main"))
+            image_of(f"score_{_metric}")
         resources:
             mem_mb=resources(f"score_{_metric}", "mem_mb"),
             runtime=resources(f"score_{_metric}", "runtime"),

@@ -10,7 +10,7 @@ rule train_srpo:
     benchmark:
         f"{OUT}/benchmarks/train_srpo.tsv"
     container:
-        image("main")
+        image_of("train_srpo")
     resources:
         mem_mb=resources("train_srpo", "mem_mb"),
         runtime=resources("train_srpo", "runtime"),

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Build the image of each environment of config/containers.yaml from containers/Dockerfile,
+# optionally push it and write its digest back into config/containers.yaml.
+#
+# Usage: bash containers/build.sh [--variant cuda|cpu] [--push REGISTRY] [ENV ...]
+#   --variant cuda   (default) FROM the CUDA runtime pinned by digest in the Dockerfile: clusters.
+#   --variant cpu    FROM the base containers/cpu-base.sh builds from Debian packages: CI, laptops.
+#   --push REGISTRY  push REGISTRY/srpo-ENV:VERSION-VARIANT and write its digest reference
+#                    (docker://REGISTRY/srpo-ENV@sha256:…) to config/containers.yaml `images`.
+#   ENV ...          environments to build (default: every one in config/containers.yaml).
+# Engine: ENGINE=docker (default) or podman. Local tags: srpo-ENV:VARIANT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+engine=${ENGINE:-docker}
+variant=cuda
+registry=
+envs=()
+while (($#)); do
+  case $1 in
+    --variant) variant=${2:?--variant needs cuda or cpu}; shift 2 ;;
+    --push) registry=${2:?--push needs a registry, e.g. ghcr.io/my-lab}; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "build: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) envs+=("$1"); shift ;;
+  esac
+done
+[[ $variant == cuda || $variant == cpu ]] || { echo "build: --variant: expected cuda or cpu, got '$variant'" >&2; exit 2; }
+python=${PYTHON:-.venv/bin/python}
+known=$("$python" -c 'import yaml; print(*yaml.safe_load(open("config/containers.yaml"))["containers"]["images"])')
+((${#envs[@]})) || read -r -a envs <<< "$known"
+for env in "${envs[@]}"; do
+  [[ " $known " == *" $env "* ]] || { echo "build: config/containers.yaml: no environment '$env' (known: $known)" >&2; exit 2; }
+done
+
+build_args=()
+if [[ $variant == cpu ]]; then
+  base=$(bash containers/cpu-base.sh)
+  build_args+=(--build-arg "BASE=$base")
+fi
+[[ $engine == podman ]] && build_args+=(--format docker)
+# pip in the build trusts the host's CA bundle too (needed where a proxy re-signs TLS).
+mkdir -p build/containers
+if [[ -n ${PIP_CERT:-} && -f $PIP_CERT ]]; then cp "$PIP_CERT" build/containers/extra-ca.crt
+else : > build/containers/extra-ca.crt; fi
+
+version=$("$python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[[ -z $(git status --porcelain -- envs srpo pyproject.toml containers 2>/dev/null) ]] || commit="$commit-dirty"
+main_lock=$(sha256sum envs/main.lock.txt | cut -d' ' -f1)
+
+for env in "${envs[@]}"; do
+  tag=srpo-$env:$variant
+  start=$SECONDS
+  echo "=== build $tag"
+  "$engine" build --quiet -f containers/Dockerfile "${build_args[@]}" \
+    --build-arg "ENV_NAME=$env" --build-arg "VERSION=$version" --build-arg "GIT_COMMIT=$commit" \
+    --build-arg "MAIN_LOCK_SHA256=$main_lock" \
+    --build-arg "LOCK_SHA256=$(sha256sum "envs/$env.lock.txt" | cut -d' ' -f1)" \
+    -t "$tag" . > /dev/null
+  echo "built $tag ($("$engine" image inspect --format '{{.Id}}' "$tag")) in $((SECONDS - start)) s"
+  if [[ -n $registry ]]; then
+    remote=$registry/srpo-$env:$version-$variant
+    "$engine" tag "$tag" "$remote"
+    "$engine" push --quiet "$remote" > /dev/null
+    digest=$("$engine" image inspect --format '{{index .RepoDigests 0}}' "$remote")
+    ref="docker://$registry/srpo-$env@${digest##*@}"
+    sed -i -E "s|^(    $env:).*|\1 $ref|" config/containers.yaml
+    echo "pushed $ref (config/containers.yaml)"
+  fi
+done
