@@ -112,7 +112,8 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 def git_commit(start: Path | None = None) -> str:
-    """The commit of the checkout this code runs from, or "unknown" outside a git checkout."""
+    """The commit of the checkout this code runs from; outside a git checkout the one the image
+    was built from (SRPO_GIT_COMMIT, set by containers/Dockerfile), else "unknown"."""
     where = start or Path(__file__).resolve().parent
     try:
         result = subprocess.run(
@@ -123,7 +124,7 @@ def git_commit(start: Path | None = None) -> str:
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("SRPO_GIT_COMMIT", "unknown")
     return result.stdout.strip()
 
 

@@ -104,10 +104,13 @@ def test_an_image_by_tag_is_a_config_error(workflow_copy):
     )
 
 
-def test_images_not_built_yet_stop_an_apptainer_run_with_one_line():
-    result = run(BIN / "snakemake", "-n", "--sdm", "apptainer", "--profile", "profiles/slurm")
+def test_images_not_built_yet_stop_an_apptainer_run_with_one_line(workflow_copy):
+    images = workflow_copy / "config" / "containers.yaml"
+    content = yaml.safe_load(images.read_text())
+    content["containers"]["images"] = dict.fromkeys(IMAGES)
+    images.write_text(yaml.safe_dump(content))
+    result = dry_run(workflow_copy)
     assert result.returncode == 1
-    assert (
-        "containers.images.{hpsv3,imagereward,main} is null: build and push"
-        in result.stdout + result.stderr
+    assert "containers.images.{hpsv3,imagereward,main} is null: build and push" in (
+        result.stdout + result.stderr
     )

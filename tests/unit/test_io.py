@@ -6,7 +6,7 @@ import os
 import pytest
 
 from srpo import io
-from srpo.io import atomic_path, file_hashes, sha256_file
+from srpo.io import atomic_path, file_hashes, git_commit, sha256_file
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -44,3 +44,10 @@ def test_large_file_hash_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     os.utime(weights, ns=(before + 10**9, before + 10**9))
     assert sha256_file(weights) == hashlib.sha256(b"abcdefgX").hexdigest()
     assert file_hashes(tmp_path)["w.bin"] == hashlib.sha256(b"abcdefgX").hexdigest()
+
+
+def test_git_commit_outside_a_checkout_is_the_images(tmp_path, monkeypatch):
+    monkeypatch.delenv("SRPO_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("SRPO_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"
