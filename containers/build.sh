@@ -34,8 +34,10 @@ done
 
 build_args=()
 if [[ $variant == cpu ]]; then
+  start=$SECONDS
   base=$(bash containers/cpu-base.sh)
   build_args+=(--build-arg "BASE=$base")
+  echo "cpu base $base ready in $((SECONDS - start)) s"
 fi
 [[ $engine == podman ]] && build_args+=(--format docker)
 # pip in the build trusts the host's CA bundle too (needed where a proxy re-signs TLS).
@@ -60,11 +62,12 @@ for env in "${envs[@]}"; do
   echo "built $tag ($("$engine" image inspect --format '{{.Id}}' "$tag")) in $((SECONDS - start)) s"
   if [[ -n $registry ]]; then
     remote=$registry/srpo-$env:$version-$variant
+    start=$SECONDS
     "$engine" tag "$tag" "$remote"
     "$engine" push --quiet "$remote" > /dev/null
     digest=$("$engine" image inspect --format '{{index .RepoDigests 0}}' "$remote")
     ref="docker://$registry/srpo-$env@${digest##*@}"
     sed -i -E "s|^(    $env:).*|\1 $ref|" config/containers.yaml
-    echo "pushed $ref (config/containers.yaml)"
+    echo "pushed $ref in $((SECONDS - start)) s (config/containers.yaml)"
   fi
 done

@@ -20,7 +20,8 @@ stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no
 export PATH="$PWD/.venv/bin:$PATH"
 # `snakemake --lint` needs every rule's image: it runs in the containers stage, once they exist.
 stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow &&
-  hadolint containers/Dockerfile && python containers/check.py dockerfile containers/Dockerfile'
+  hadolint containers/Dockerfile && python containers/check.py dockerfile containers/Dockerfile &&
+  bash envs/lock.sh --check'
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
 stage workflow .venv/bin/python -m pytest -q tests/workflow

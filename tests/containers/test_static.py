@@ -114,3 +114,20 @@ def test_images_not_built_yet_stop_an_apptainer_run_with_one_line(workflow_copy)
     assert "containers.images.{hpsv3,imagereward,main} is null: build and push" in (
         result.stdout + result.stderr
     )
+
+
+def test_lock_check_passes_and_names_a_stale_lock(tmp_path):
+    envs = tmp_path / "envs"
+    shutil.copytree(REPO / "envs", envs)
+    uv = {"UV": str(BIN / "uv")}
+    command = ["bash", str(envs / "lock.sh"), "--check", "test-reference"]
+    fresh = subprocess.run(command, env=run_env(**uv), capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    lock = envs / "test-reference.lock.txt"
+    lock.write_text(lock.read_text().replace("args==0.1.0 ", "args==0.0.9 "))
+    stale = subprocess.run(command, env=run_env(**uv), capture_output=True, text=True)
+    assert stale.returncode == 1
+    assert "envs/test-reference.lock.txt is not what envs/test-reference.in resolves to" in (
+        stale.stderr
+    )
+    assert "< args==0.0.9" in stale.stderr and "> args==0.1.0" in stale.stderr
