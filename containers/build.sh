@@ -19,7 +19,7 @@ while (($#)); do
   case $1 in
     --variant) variant=${2:?--variant needs cuda or cpu}; shift 2 ;;
     --push) registry=${2:?--push needs a registry, e.g. ghcr.io/my-lab}; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "build: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) envs+=("$1"); shift ;;
   esac
