@@ -42,9 +42,9 @@ stage slurm slurm_stage
 # paper dry run and the in-container tiny workflow then use.
 containers_stage() (
   bash tests/containers/start-engine.sh
-  cp config/containers.yaml "${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig"
-  trap 'cp "${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig" config/containers.yaml
-    bash tests/containers/stop-engine.sh' EXIT
+  saved=${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig
+  cp config/containers.yaml "$saved"
+  trap 'cp "$saved" config/containers.yaml; bash tests/containers/stop-engine.sh' EXIT
   bash containers/build.sh --variant cpu --push 127.0.0.1:5000/srpo-workflow
   snakemake --lint
   SRPO_REQUIRE_CONTAINERS=1 .venv/bin/python -m pytest -q tests/containers

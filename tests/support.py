@@ -1,6 +1,7 @@
 """Helpers shared by tests: tiny training configs and `torchrun -m srpo train` launches."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,24 @@ def srpo_command(config: Path, nproc: int | None, *extra: str) -> list[str]:
 
 def run_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
+
+
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles")
+
+
+def copy_workflow(folder: Path, *extra: str) -> Path:
+    """The workflow files (and `extra` ones) copied into `folder`, so a run writes its results/
+    there as `snakemake` does at the repository root; links stay links."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (*WORKFLOW_FILES, *extra):
+        source = REPO / name
+        if source.is_symlink():
+            (folder / name).symlink_to(os.readlink(source))
+        elif source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, folder / name)
+    return folder
 
 
 def run_srpo(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, run_env
+from support import REPO, copy_workflow, run_env
 
 BIN = Path(sys.executable).parent
 STAND_IN = Path(__file__).parent / "apptainer-stand-in"
@@ -75,10 +75,7 @@ def test_image_holds_the_locks_ci_tested(env, tmp_path):
 
 def tiny_workflow(folder: Path, *runner: str) -> dict[str, str]:
     """Run the tiny workflow in a copy of the repository's workflow files; sha256 per output."""
-    folder.mkdir(exist_ok=True)
-    for name in ("Snakefile", "workflow", "config", "profiles"):
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, folder / name)
+    copy_workflow(folder)
     env = run_env(PATH=f"{BIN}:{run_env()['PATH']}", HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [*runner, "snakemake", "--cores", "2"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, run_env
+from support import REPO, copy_workflow, run_env
 
 BIN = Path(sys.executable).parent
 BROKEN = Path(__file__).parent / "broken"
@@ -49,9 +49,7 @@ def test_every_from_is_pinned_by_digest_and_the_broken_one_is_named():
 @pytest.fixture
 def workflow_copy(tmp_path) -> Path:
     """The workflow with every environment's image set, as containers/build.sh --push leaves it."""
-    for name in ("Snakefile", "workflow", "config", "profiles"):
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, tmp_path / name)
+    copy_workflow(tmp_path)
     images = tmp_path / "config" / "containers.yaml"
     content = yaml.safe_load(images.read_text())
     content["containers"]["images"] = IMAGES

@@ -7,7 +7,6 @@ stage does both). Skipped without it unless SRPO_REQUIRE_SLURM=1, where that is 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, run_env
+from support import copy_workflow, run_env
 
 pytestmark = pytest.mark.slurm
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -46,18 +45,6 @@ def cluster():
 def env() -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)
     return run_env(PATH=f"{bin_dir}:{run_env()['PATH']}")
-
-
-def copy_workflow(folder: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "profiles", "slurm", "tests"):
-        source = REPO / name
-        if source.is_symlink():
-            (folder / name).symlink_to(os.readlink(source))
-        elif source.is_dir():
-            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, folder / name)
-    return folder
 
 
 def snakemake(folder: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
@@ -90,7 +77,7 @@ def field(record: str, name: str) -> str:
 
 
 def test_tiny_workflow_through_sbatch(tmp_path):
-    folder = copy_workflow(tmp_path)
+    folder = copy_workflow(tmp_path, "slurm", "tests")
     watcher = JobWatcher()
     watcher.start()
     result = snakemake(folder)
@@ -135,7 +122,7 @@ def wait_for_job(comment: str, process: subprocess.Popen, timeout: float = 600) 
 
 
 def test_scancel_fails_the_job_and_a_rerun_completes_the_rest(tmp_path):
-    folder = copy_workflow(tmp_path)
+    folder = copy_workflow(tmp_path, "slurm", "tests")
     process = subprocess.Popen([SNAKEMAKE, *OVERRIDE], cwd=folder, env=env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     job = wait_for_job("rule_train_srpo", process)
@@ -163,7 +150,7 @@ def test_paper_sbatch_arguments(tmp_path):
     The jobs ask for more than this one-node cluster has, so Slurm refuses them and the plugin
     reports each refused call; nothing runs, and no weights are needed.
     """
-    folder = copy_workflow(tmp_path)
+    folder = copy_workflow(tmp_path, "slurm", "tests")
     paper = folder / "results" / "paper"
     for name in ("prompts/train.txt", "prompts/eval.csv", "prompts/manifest.json",
                  "embeddings/index.json"):  # fmt: skip
@@ -199,7 +186,7 @@ def test_time_limit_signal_checkpoints_and_rerun_resumes(tmp_path):
     """`--signal=TERM@60` on a 3-minute training job: Slurm stops it before the limit (its
     signal may come up to 60 s early), the trainer checkpoints, the job fails; the re-run,
     without the limit, resumes from that checkpoint."""
-    folder = copy_workflow(tmp_path)
+    folder = copy_workflow(tmp_path, "slurm", "tests")
     training = yaml.safe_load((folder / "config" / "train-tiny.yaml").read_text())
     training.update(max_steps=5000, checkpoint_every=5000)
     (folder / "config" / "train-long.yaml").write_text(yaml.safe_dump(training))
