@@ -58,6 +58,7 @@ class OptimConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(0.1, gt=0)
+    fused: bool = Field(True, description="torch's fused AdamW kernel: one pass over memory")
 
 
 class TrainConfig(_Section):
@@ -89,6 +90,11 @@ class TrainConfig(_Section):
         "bfloat16", description="FSDP2 compute dtype of parameters (master weights stay fp32)"
     )
     activation_checkpointing: bool = True
+    gather_once: bool = Field(
+        True,
+        description="all-gather each block's parameters once per step and keep them through the "
+        "rollout and both branches (full compute-dtype parameters in memory during the step)",
+    )
     vae_tiling: bool = False
     vae_slicing: bool = False
     checkpoint_every: int = Field(10, ge=1, description="steps between DCP checkpoints")

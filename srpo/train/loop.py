@@ -39,7 +39,8 @@ from srpo.train.data import (
     sample_mid,
     step_noise,
 )
-from srpo.train.parallel import DTYPES, DistributedContext, shard_transformer
+from srpo.train.parallel import DTYPES, DistributedContext, gathered_once, shard_transformer
+from srpo.train.timing import PhaseTimer
 
 EXIT_PREEMPTED = 75
 """Exit status after a SIGTERM / SIGUSR1 stop: the step finished and a checkpoint was written;
@@ -117,12 +118,14 @@ class Trainer:
             betas=optim.betas,
             weight_decay=optim.weight_decay,
             eps=optim.eps,
+            fused=optim.fused,
         )
         self.state = TrainingState(self.model, self.optimizer)
         self.checkpointer = Checkpointer(
             self.output_dir / "checkpoints", config.keep_last, ctx.rank
         )
         self.rollout_sigmas = sigma_schedule(config.rollout_steps, self.settings.shift)
+        self.timer = PhaseTimer(device)
         self.step = 0
         self._provenance: dict | None = None
 
@@ -190,21 +193,15 @@ class Trainer:
             self.config.rollout_guidance,
             self.guidance_embeds,
         )
-        with torch.no_grad():
+        with torch.no_grad(), self.timer.phase("rollout"):
             return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
 
-    def train_step(self) -> dict[str, float]:
-        """Advance self.step by one optimizer update; returns global means for logging."""
-        self.step += 1
-        config, device = self.config, self.ctx.device
-        first = self.ctx.rank * self.local_batch
-        samples = range(first, first + self.local_batch)
-        numbers = batch_prompt_numbers(config.seed, self.step, config.batch_size, self.pool)
-        numbers = numbers[first : first + self.local_batch]
-        cond = self.cache.get(numbers).to(device, torch.float32)
-        noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
+    def _branches(
+        self, samples: range, numbers: list[int], cond: Conditioning, noise: torch.Tensor
+    ) -> StepStats:
+        """Rollout of the local samples, then both branches of each, gradients accumulated."""
+        config, timer = self.config, self.timer
         x0 = self._x0(numbers, cond, noise)
-
         stats = StepStats()
         for row, sample in enumerate(samples):
             mid = sample_mid(config.seed, self.step, sample, self.settings)
@@ -221,27 +218,44 @@ class Trainer:
             for branch in plan_branches(mid, self.settings):
                 output = branch_loss(
                     branch,
-                    velocity,
-                    self.vae.decode,
-                    self.reward.semantic_relative_reward,
+                    timer.wrap("branch_forward", velocity),
+                    timer.wrap("vae_decode", self.vae.decode),
+                    timer.wrap("reward", self.reward.semantic_relative_reward),
                     x0[row : row + 1],
                     noise,
                     prompts,
                     self.settings,
                 )
-                (output.loss / self.local_batch).backward()
+                with timer.phase("backward"):
+                    (output.loss / self.local_batch).backward()
                 stats.add(f"loss/{branch.name}", float(output.loss.detach()))
                 stats.add(f"reward/{branch.name}", float(output.reward.detach().mean()))
+        return stats
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), config.optim.max_grad_norm
-        )
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def train_step(self) -> dict[str, float]:
+        """Advance self.step by one optimizer update; returns global means for logging (and
+        this rank's seconds per phase under `time/`)."""
+        self.step += 1
+        config, device, timer = self.config, self.ctx.device, self.timer
+        first = self.ctx.rank * self.local_batch
+        samples = range(first, first + self.local_batch)
+        numbers = batch_prompt_numbers(config.seed, self.step, config.batch_size, self.pool)
+        numbers = numbers[first : first + self.local_batch]
+        cond = self.cache.get(numbers).to(device, torch.float32)
+        noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
+        with gathered_once(self.model, config.gather_once):
+            stats = self._branches(samples, numbers, cond, noise)
+        with timer.phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), config.optim.max_grad_norm
+            )
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         means = stats.reduce(config.batch_size, device)
         means["grad_norm"] = float(grad_norm)
+        means.update({f"time/{name}_s": seconds for name, seconds in timer.take().items()})
         return means
 
 

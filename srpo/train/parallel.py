@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -15,7 +17,7 @@ from types import TracebackType
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -117,3 +119,35 @@ def shard_transformer(
     )
     fully_shard(transformer, mesh=mesh, mp_policy=root_policy)
     return transformer
+
+
+def _flux_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+@contextmanager
+def _blocks_kept_gathered(blocks: list[FSDPModule]) -> Iterator[None]:
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+        block.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.reshard()
+            block.set_reshard_after_forward(True, recurse=False)
+            block.set_reshard_after_backward(True, recurse=False)
+
+
+def gathered_once(transformer: torch.nn.Module, enabled: bool = True):
+    """Within it, each FSDP2 block all-gathers its parameters once and keeps them through every
+    later forward and backward (the 25-step rollout and both branches of a step) instead of
+    gathering them again for each; gradients are still reduce-scattered after each backward.
+
+    Same values, so the same bits; the cost is the full compute-dtype parameters on every rank
+    until the context ends. A no-op when disabled or when `transformer` is not sharded.
+    """
+    blocks = [block for block in _flux_blocks(transformer) if isinstance(block, FSDPModule)]
+    if not enabled or not blocks:
+        return nullcontext()
+    return _blocks_kept_gathered(blocks)

@@ -1,0 +1,93 @@
+"""From measured figures to FLUX.1-dev on the paper's cluster: memory per rank and wall time.
+
+Memory per rank under FSDP2 with W ranks, P transformer parameters (bytes):
+    16·P/W                      fp32 master weights, gradients and AdamW's two moments, sharded
+  + 2·P                         bf16 parameters kept gathered through the step (`gather_once`;
+                                without it, two blocks' worth: the one in use and the prefetch)
+  + frozen VAE and reward tower in bf16, activations (measured on a GPU, not modelled here)
+The authors' FSDP1 recipe keeps fp32 parameters, so a gathered block costs 4 bytes a parameter.
+
+Wall time of the paper recipe: 19 updates, one sample per rank, 720 px (2025 image tokens), 512
+text tokens, 25 rollout steps, activation checkpointing. Time per update = FLOPs per sample /
+(GPU bf16 dense peak × MFU), with MFU the one measured by this suite for our trainer (on the
+CPU: the fraction of the CPU's own matmul peak, assumed to carry over, which is the weakest
+assumption here), and the baseline's time = ours × the measured ratio. Communication is assumed
+hidden behind compute; VAE and reward FLOPs are scaled from the counted ones by pixel count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.flops import train_step_flops, transformer_forward_flops
+
+FLUX_DEV = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+GPU_BF16_DENSE_TFLOPS = {"H100 SXM": 989.4, "H20": 148.0}
+"""Vendor datasheet peaks (dense, no sparsity)."""
+PAPER = {"updates": 19, "ranks": 32, "px": 720, "text_tokens": 512, "rollout_steps": 25}
+
+
+def flux_dev_parameters() -> int:
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_DEV)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_per_rank(world_sizes: tuple[int, ...] = (8, 16, 32, 64)) -> dict:
+    params = flux_dev_parameters()
+    rows = {}
+    for world in world_sizes:
+        sharded = 16 * params / world
+        rows[str(world)] = {
+            "sharded_states_gb": sharded / 1e9,
+            "ours_gather_once_gb": (sharded + 2 * params) / 1e9,
+            "ours_per_block_gb": (sharded + 2 * 2 * params / 57) / 1e9,
+            "literal_fsdp1_fp32_gb": (sharded + 2 * 4 * params / 57) / 1e9,
+        }
+    return {"parameters": params, "formula": __doc__.split("\n\n")[1].strip(), "ranks": rows}
+
+
+def paper_projection(figures: dict, suite) -> dict:
+    spec = figures["spec"]
+    image_tokens = (PAPER["px"] // 16) ** 2
+    forward = transformer_forward_flops(FLUX_DEV, image_tokens, PAPER["text_tokens"])["total"]
+    side = figures["side_flops"]
+    pixel_scale = (PAPER["px"] / spec["train_px"]) ** 2
+    flops = train_step_flops(
+        forward, PAPER["rollout_steps"], True, side["vae_decode_train"] * pixel_scale,
+        side["reward"],
+    )  # fmt: skip
+    train = figures["train_step"]
+    mfu = train["mfu"]
+    ratio_b, ratio_c = train["ratio_vs_literal"], train["ratio_vs_literal_no_anomaly"]
+    rows = {}
+    for gpu, tflops in GPU_BF16_DENSE_TFLOPS.items():
+        update = flops / (tflops * 1e12 * mfu)
+        total = PAPER["updates"] * update
+        rows[gpu] = {
+            "ours_minutes": total / 60,
+            "literal_minutes": total * ratio_b / 60,
+            "literal_no_anomaly_minutes": total * ratio_c / 60,
+            "seconds_per_update_ours": update,
+        }
+    return {
+        "flops_per_sample_update": flops,
+        "assumed_mfu": mfu,
+        "mfu_from": f"{suite.name} suite, {spec['name']} model",
+        "paper": PAPER,
+        "gpus": rows,
+        "assumptions": __doc__.split("\n\n")[2].strip(),
+    }

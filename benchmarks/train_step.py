@@ -1,0 +1,91 @@
+"""One benchmark process (or torchrun rank) that times train steps of one variant.
+
+    python -m benchmarks.train_step VARIANT CONFIG OUT_JSON WARMUP STEPS
+
+VARIANT is `ours` (srpo.train.loop.Trainer), `literal` (the authors' recipe, anomaly detection
+on) or `literal-no-anomaly`. Rank 0 writes per-step seconds, losses, per-phase seconds (mean over
+ranks) and the peak memory of the busiest rank.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from srpo.config import load_train_config
+from srpo.io import write_json
+from srpo.train.data import derive_seed
+from srpo.train.parallel import DistributedContext
+
+VARIANTS = ("ours", "literal", "literal-no-anomaly")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on a GPU, else this process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_trainer(variant: str, config, ctx: DistributedContext):
+    if variant == "ours":
+        from srpo.train.loop import Trainer
+
+        return Trainer(config, ctx)
+    from benchmarks.literal import LiteralTrainer
+
+    return LiteralTrainer(config, ctx, anomaly=variant == "literal")
+
+
+def run(variant: str, config_path: Path, out: Path, warmup: int, steps: int) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    config = load_train_config(config_path)
+    with DistributedContext.from_environment() as ctx:
+        torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
+        trainer = make_trainer(variant, config, ctx)
+        records = []
+        for _ in range(warmup + steps):
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            ctx.barrier()
+            start = time.perf_counter()
+            metrics = trainer.train_step()
+            ctx.barrier()
+            records.append({"seconds": time.perf_counter() - start, **metrics})
+        peak = torch.tensor([peak_memory_mb(ctx.device)], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        phases = sorted(k for k in records[-1] if k.startswith("time/"))
+        measured = records[warmup:]
+        sums = torch.tensor(
+            [sum(r[k] for r in measured) / len(measured) for k in phases], dtype=torch.float64
+        )
+        dist.all_reduce(sums)
+        if ctx.is_main:
+            write_json(
+                out,
+                {
+                    "variant": variant,
+                    "world_size": ctx.world_size,
+                    "threads": torch.get_num_threads(),
+                    "records": records,
+                    "warmup": warmup,
+                    "step_seconds": [r["seconds"] for r in measured],
+                    "phases": {
+                        k.removeprefix("time/").removesuffix("_s"): float(v) / ctx.world_size
+                        for k, v in zip(phases, sums, strict=True)
+                    },
+                    "peak_memory_mb": float(peak),
+                    "memory_kind": "device" if ctx.device.type == "cuda" else "rss",
+                },
+            )
+
+
+if __name__ == "__main__":
+    name, config_file, out_file, warm, count = sys.argv[1:6]
+    run(name, Path(config_file), Path(out_file), int(warm), int(count))

@@ -1,0 +1,130 @@
+"""The benchmark compares like with like: same loss as the baseline, FLOPs as counted, and the
+speed-ups keep the objective's bits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks.flops import counted_flops, train_step_flops, transformer_forward_flops
+from benchmarks.models import ensure_models
+from benchmarks.suites import ModelSpec, get_suite
+from benchmarks.train_step import run
+from srpo.config import load_train_config
+from srpo.train.loop import Trainer
+from srpo.train.parallel import DistributedContext
+
+
+@pytest.fixture(scope="module")
+def bench_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    models = ensure_models(ModelSpec("tiny", real_width=False), root / "models")
+    config = {
+        "base_model": str(models.flux),
+        "embeddings": str(models.embeddings),
+        "output_dir": str(root / "train"),
+        "reward": {
+            "kind": "hpsv2",
+            "checkpoint": str(models.reward_checkpoint),
+            "model_config_path": str(models.reward_config),
+        },
+        "batch_size": 2,
+        "height": 64,
+        "width": 64,
+        "rollout_steps": 3,
+        "param_dtype": "float32",
+        "optim": {"learning_rate": 1e-3},
+    }
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_literal_baseline_computes_our_loss(bench_config: Path, tmp_path: Path):
+    """Same prompts, noise, mids and formulas: the two steps differ only in how they run."""
+    records = {}
+    for variant in ("ours", "literal-no-anomaly"):
+        out = tmp_path / f"{variant}.json"
+        run(variant, bench_config, out, 0, 3)  # step 3's loss depends on two updates
+        records[variant] = json.loads(out.read_text())["records"]
+    for ours, literal in zip(records["ours"], records["literal-no-anomaly"], strict=True):
+        for key in ("loss/denoise", "loss/inversion", "reward/denoise", "reward/inversion"):
+            assert ours[key] == pytest.approx(literal[key], rel=1e-5, abs=1e-7), key
+    # the updates moved the model: a baseline that never stepped would fail the third step
+    first, third = records["ours"][0], records["ours"][2]
+    assert first["loss/denoise"] != third["loss/denoise"]
+
+
+def test_literal_baseline_differs_when_its_math_does(bench_config: Path, tmp_path: Path):
+    """The comparison can fail: another reward threshold gives the baseline another loss."""
+    config = load_train_config(bench_config).to_dict()
+    config["srpo"] = {"reward_threshold": 0.9}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    run("literal-no-anomaly", other, tmp_path / "other.json", 0, 1)
+    run("ours", bench_config, tmp_path / "ours.json", 0, 1)
+    changed = json.loads((tmp_path / "other.json").read_text())["records"][0]["loss/denoise"]
+    ours = json.loads((tmp_path / "ours.json").read_text())["records"][0]["loss/denoise"]
+    assert changed == pytest.approx(ours + 0.2 / 2, rel=1e-5)  # relu(t − r)/2, r < 0.7
+
+
+def _trained_state(config_path: Path, gather_once: bool) -> dict[str, torch.Tensor]:
+    config = load_train_config(config_path, {"gather_once": gather_once})
+    with DistributedContext.from_environment() as ctx:
+        torch.manual_seed(0)
+        trainer = Trainer(config, ctx)
+        phases = [trainer.train_step() for _ in range(2)]
+        state = {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
+    assert all(metrics["time/rollout_s"] > 0 and metrics["time/backward_s"] > 0 for metrics in phases)
+    return state
+
+
+def test_gather_once_keeps_every_bit(bench_config: Path):
+    kept, regathered = _trained_state(bench_config, True), _trained_state(bench_config, False)
+    assert kept.keys() == regathered.keys()
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, regathered[name]), name
+
+
+def test_forward_flop_formula_matches_torch_count():
+    """The stated formula against torch's own count of every matmul and attention call."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    config = {
+        "patch_size": 1, "in_channels": 64, "num_layers": 2, "num_single_layers": 3,
+        "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 96,
+        "pooled_projection_dim": 48, "guidance_embeds": True, "axes_dims_rope": (8, 12, 12),
+    }  # fmt: skip
+    model = FluxTransformer2DModel(**config)
+    image_tokens, text_tokens = 36, 20
+    counted = counted_flops(
+        model,
+        hidden_states=torch.zeros(1, image_tokens, 64),
+        encoder_hidden_states=torch.zeros(1, text_tokens, 96),
+        pooled_projections=torch.zeros(1, 48),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, 6, 6, "cpu", torch.float32),
+        txt_ids=torch.zeros(text_tokens, 3),
+        return_dict=False,
+    )
+    formula = transformer_forward_flops(config, image_tokens, text_tokens)["total"]
+    assert formula == pytest.approx(counted, rel=1e-3)
+
+
+def test_train_step_flops_by_hand():
+    # 25 rollout forwards + 2 branches × (forward + backward 2F + recompute F) + VAE/reward
+    assert train_step_flops(10.0, 25, True, 3.0, 1.0) == 25 * 10 + 2 * (40 + 2 * 4)
+    assert train_step_flops(10.0, 25, False, 0.0, 0.0) == 25 * 10 + 2 * 30
+
+
+def test_suites_are_complete():
+    for name in ("cpu", "gpu"):
+        for size in ("smoke", "full"):
+            suite = get_suite(name, size)
+            assert suite.headline in {spec.name for spec in suite.models}
+    assert get_suite("gpu", "full").device == "cuda"
+    with pytest.raises(ValueError, match="--suite"):
+        get_suite("tpu", "full")
