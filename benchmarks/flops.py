@@ -55,10 +55,15 @@ def train_step_flops(
 
 
 def counted_flops(function, *args, **kwargs) -> float:
-    """FLOPs torch counts (matmuls, convolutions, attention) in one call of `function`."""
+    """FLOPs torch counts (matmuls, convolutions, attention) in one call of `function`.
+
+    Attention runs on the math backend here: torch's counter has no entry for the CPU flash
+    kernel, which would otherwise count as zero.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         function(*args, **kwargs)
     return float(counter.get_total_flops())
 

@@ -69,13 +69,15 @@ def markdown(result: dict) -> str:
         "",
         f"FLUX.1-dev ({memory['parameters'] / 1e9:.2f} B parameters), GB per rank under FSDP2:",
         "",
-        "| ranks | sharded states | ours, gather_once | ours, per block | literal FSDP1 fp32 |",
-        "|---|---|---|---|---|",
+        "| ranks | sharded states | ours, gather_params: forward / rollout / step "
+        "| literal FSDP1 fp32 |",
+        "|---|---|---|---|",
     ]
     for world, row in memory["ranks"].items():
         lines.append(
-            f"| {world} | {_f(row['sharded_states_gb'], 1)} | {_f(row['ours_gather_once_gb'], 1)}"
-            f" | {_f(row['ours_per_block_gb'], 1)} | {_f(row['literal_fsdp1_fp32_gb'], 1)} |"
+            f"| {world} | {_f(row['sharded_states_gb'], 1)} | {_f(row['ours_forward_gb'], 1)} / "
+            f"{_f(row['ours_rollout_gb'], 1)} / {_f(row['ours_step_gb'], 1)} | "
+            f"{_f(row['literal_fsdp1_fp32_gb'], 1)} |"
         )
     projection = result["projection"]
     lines += [

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (idempotent) and run the test suite stage by stage:
-# lint → unit → distributed → workflow → metric-envs → slurm → containers. Stops at the first
+# lint → unit → distributed → bench → workflow → metric-envs → slurm → containers. Stops at the first
 # failing stage. `bash scripts/test.sh STAGE...` runs only those stages (setup always runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,10 @@ stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Sn
   bash envs/lock.sh --check'
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
+# Both benchmark suites' code paths on the CPU (figures go to a temporary folder; no timing is
+# asserted): the committed figures come from `srpo bench --suite cpu --size full`.
+stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --out-dir "$out" &&
+  srpo bench --suite gpu --size smoke --out-dir "$out"'
 stage workflow .venv/bin/python -m pytest -q tests/workflow
 stage metric-envs bash -c 'set -e
   bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward

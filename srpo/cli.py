@@ -322,3 +322,47 @@ def prepare_prompts_command(
     typer.echo(
         f"wrote {counts['train']} training and {counts['eval']} evaluation prompts to {out_dir}"
     )
+
+
+class Suite(StrEnum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Size(StrEnum):
+    smoke = "smoke"
+    full = "full"
+
+
+@app.command("bench")
+@_one_line_errors
+def bench_command(
+    suite: Annotated[
+        Suite,
+        typer.Option(
+            help="cpu: fp32 on this machine (tiny + real-width FLUX blocks); gpu: bf16 on one "
+            "CUDA device (real width, 2+4 blocks, 720 px training, 1024 px sampling)."
+        ),
+    ] = Suite.cpu,
+    size: Annotated[
+        Size,
+        typer.Option(help="smoke: minutes, the code path only (CI); full: the committed figures."),
+    ] = Size.smoke,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where <suite>[-smoke]-latest.json and .md go (default: benchmarks/results)."
+        ),
+    ] = None,
+) -> None:
+    """Time our train step and sampler beside the authors' recipe and the stock FluxPipeline.
+
+    Needs a checkout of the repository (the benchmarks/ folder is not installed with srpo)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise InputError(f"{root / 'benchmarks'}: not found; run srpo bench from a checkout")
+    sys.path.insert(0, str(root))
+    from benchmarks.run import bench
+
+    path = bench(suite.value, size.value, out_dir or root / "benchmarks" / "results")
+    typer.echo(f"wrote {path}")

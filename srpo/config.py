@@ -90,10 +90,13 @@ class TrainConfig(_Section):
         "bfloat16", description="FSDP2 compute dtype of parameters (master weights stay fp32)"
     )
     activation_checkpointing: bool = True
-    gather_once: bool = Field(
-        True,
-        description="all-gather each block's parameters once per step and keep them through the "
-        "rollout and both branches (full compute-dtype parameters in memory during the step)",
+    gather_params: Literal["rollout", "step", "forward"] = Field(
+        "rollout",
+        description="how long an FSDP2 block keeps its all-gathered parameters: through the "
+        "no-grad rollout (one gather instead of 25; full parameters, no gradients, in memory), "
+        "through the whole "
+        "step (also the branches' forward and backward; full parameters in memory while the "
+        "gradients are), or one forward (FSDP2's default)",
     )
     vae_tiling: bool = False
     vae_slicing: bool = False

@@ -39,7 +39,7 @@ from srpo.train.data import (
     sample_mid,
     step_noise,
 )
-from srpo.train.parallel import DTYPES, DistributedContext, gathered_once, shard_transformer
+from srpo.train.parallel import DTYPES, DistributedContext, kept_gathered, shard_transformer
 from srpo.train.timing import PhaseTimer
 
 EXIT_PREEMPTED = 75
@@ -193,7 +193,8 @@ class Trainer:
             self.config.rollout_guidance,
             self.guidance_embeds,
         )
-        with torch.no_grad(), self.timer.phase("rollout"):
+        gathered = kept_gathered(self.model, self.config.gather_params == "rollout")
+        with torch.no_grad(), gathered, self.timer.phase("rollout"):
             return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
 
     def _branches(
@@ -243,7 +244,8 @@ class Trainer:
         numbers = numbers[first : first + self.local_batch]
         cond = self.cache.get(numbers).to(device, torch.float32)
         noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
-        with gathered_once(self.model, config.gather_once):
+        step_wide = config.gather_params == "step"
+        with kept_gathered(self.model, step_wide, through_backward=True):
             stats = self._branches(samples, numbers, cond, noise)
         with timer.phase("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -126,10 +126,11 @@ def _flux_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextmanager
-def _blocks_kept_gathered(blocks: list[FSDPModule]) -> Iterator[None]:
+def _blocks_kept_gathered(blocks: list[FSDPModule], through_backward: bool) -> Iterator[None]:
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
-        block.set_reshard_after_backward(False, recurse=False)
+        if through_backward:
+            block.set_reshard_after_backward(False, recurse=False)
     try:
         yield
     finally:
@@ -139,10 +140,13 @@ def _blocks_kept_gathered(blocks: list[FSDPModule]) -> Iterator[None]:
             block.set_reshard_after_backward(True, recurse=False)
 
 
-def gathered_once(transformer: torch.nn.Module, enabled: bool = True):
-    """Within it, each FSDP2 block all-gathers its parameters once and keeps them through every
-    later forward and backward (the 25-step rollout and both branches of a step) instead of
-    gathering them again for each; gradients are still reduce-scattered after each backward.
+def kept_gathered(
+    transformer: torch.nn.Module, enabled: bool = True, through_backward: bool = False
+):
+    """Within it, each FSDP2 block all-gathers its parameters once and keeps them for every
+    later forward (and, `through_backward`, every backward) instead of gathering them again for
+    each: one all-gather per block for the 25-step rollout rather than 25. Gradients are still
+    reduce-scattered after each backward.
 
     Same values, so the same bits; the cost is the full compute-dtype parameters on every rank
     until the context ends. A no-op when disabled or when `transformer` is not sharded.
@@ -150,4 +154,4 @@ def gathered_once(transformer: torch.nn.Module, enabled: bool = True):
     blocks = [block for block in _flux_blocks(transformer) if isinstance(block, FSDPModule)]
     if not enabled or not blocks:
         return nullcontext()
-    return _blocks_kept_gathered(blocks)
+    return _blocks_kept_gathered(blocks, through_backward)

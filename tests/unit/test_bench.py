@@ -49,9 +49,13 @@ def test_literal_baseline_computes_our_loss(bench_config: Path, tmp_path: Path):
         out = tmp_path / f"{variant}.json"
         run(variant, bench_config, out, 0, 3)  # step 3's loss depends on two updates
         records[variant] = json.loads(out.read_text())["records"]
-    for ours, literal in zip(records["ours"], records["literal-no-anomaly"], strict=True):
+    pairs = zip(records["ours"], records["literal-no-anomaly"], strict=True)
+    for step, (ours, literal) in enumerate(pairs, start=1):
+        # step 1 is the same arithmetic; later steps follow AdamW updates whose rounding differs
+        # (fused kernel vs per-tensor loop, FSDP2 vs FSDP1 gradient norm)
+        tolerance = 1e-6 if step == 1 else 1e-4
         for key in ("loss/denoise", "loss/inversion", "reward/denoise", "reward/inversion"):
-            assert ours[key] == pytest.approx(literal[key], rel=1e-5, abs=1e-7), key
+            assert ours[key] == pytest.approx(literal[key], rel=tolerance, abs=1e-7), (step, key)
     # the updates moved the model: a baseline that never stepped would fail the third step
     first, third = records["ours"][0], records["ours"][2]
     assert first["loss/denoise"] != third["loss/denoise"]
@@ -70,22 +74,25 @@ def test_literal_baseline_differs_when_its_math_does(bench_config: Path, tmp_pat
     assert changed == pytest.approx(ours + 0.2 / 2, rel=1e-5)  # relu(t − r)/2, r < 0.7
 
 
-def _trained_state(config_path: Path, gather_once: bool) -> dict[str, torch.Tensor]:
-    config = load_train_config(config_path, {"gather_once": gather_once})
+def _trained_state(config_path: Path, gather_params: str) -> dict[str, torch.Tensor]:
+    config = load_train_config(config_path, {"gather_params": gather_params})
     with DistributedContext.from_environment() as ctx:
         torch.manual_seed(0)
         trainer = Trainer(config, ctx)
         phases = [trainer.train_step() for _ in range(2)]
         state = {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
-    assert all(metrics["time/rollout_s"] > 0 and metrics["time/backward_s"] > 0 for metrics in phases)
+    for metrics in phases:
+        assert metrics["time/rollout_s"] > 0 and metrics["time/backward_s"] > 0
     return state
 
 
-def test_gather_once_keeps_every_bit(bench_config: Path):
-    kept, regathered = _trained_state(bench_config, True), _trained_state(bench_config, False)
-    assert kept.keys() == regathered.keys()
-    for name, tensor in kept.items():
-        assert torch.equal(tensor, regathered[name]), name
+def test_gathering_parameters_once_keeps_every_bit(bench_config: Path):
+    regathered = _trained_state(bench_config, "forward")
+    for scope in ("rollout", "step"):
+        kept = _trained_state(bench_config, scope)
+        assert kept.keys() == regathered.keys()
+        for name, tensor in kept.items():
+            assert torch.equal(tensor, regathered[name]), (scope, name)
 
 
 def test_forward_flop_formula_matches_torch_count():

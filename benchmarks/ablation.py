@@ -1,0 +1,83 @@
+"""What each optimisation of our trainer buys, measured in one run on the same machine.
+
+    python -m benchmarks.ablation [--suite cpu --size full]
+
+Runs our train step on the suite's headline model (same ranks, inputs and threads as
+`srpo bench`) once per configuration, from the code before the optimisations (FSDP2's
+per-forward gathers, the per-tensor AdamW loop) to today's default, and writes
+benchmarks/results/<suite>-ablation.json and .md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import yaml
+
+from benchmarks.models import ensure_models
+from benchmarks.run import REPO, _train, _train_config
+from benchmarks.suites import get_suite
+from srpo.io import git_commit, write_json
+
+CONFIGURATIONS = {
+    "before (gather per forward, AdamW loop)": {"gather_params": "forward", "fused": False},
+    "+ fused AdamW": {"gather_params": "forward", "fused": True},
+    "+ gather once for the rollout (default)": {"gather_params": "rollout", "fused": True},
+    "gather once for the whole step": {"gather_params": "step", "fused": True},
+}
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    suite: Annotated[str, typer.Option(help="cpu or gpu.")] = "cpu",
+    size: Annotated[str, typer.Option(help="smoke or full.")] = "full",
+) -> None:
+    """Time our step under each configuration of CONFIGURATIONS."""
+    bench = get_suite(suite, size)
+    spec = next(s for s in bench.models if s.name == bench.headline)
+    models = ensure_models(spec, REPO / "results" / "bench" / "models")
+    world = max(bench.world_sizes)
+    work = REPO / "results" / "bench" / f"{suite}-{size}-ablation"
+    base = yaml.safe_load(_train_config(models, spec, bench, world, work).read_text())
+    rows = {}
+    for number, (name, settings) in enumerate(CONFIGURATIONS.items()):
+        config = {**base, "gather_params": settings["gather_params"]}
+        config["optim"] = {"fused": settings["fused"]}
+        folder = work / str(number)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.yaml").write_text(yaml.safe_dump(config))
+        run = _train("ours", folder / "train.yaml", world, bench, folder)
+        rows[name] = {
+            "settings": settings,
+            "seconds": run["seconds"],
+            "peak_memory_mb": run["peak_memory_mb"],
+            "phases": run["phases"],
+        }
+    first = next(iter(rows.values()))["seconds"]
+    lines = [
+        f"# Ablation: `python -m benchmarks.ablation --suite {suite} --size {size}`",
+        "",
+        f"commit {git_commit(REPO)[:10]} · {spec.name} model · {world} ranks",
+        "",
+        "| configuration | step s | speed-up vs before | peak MB | rollout s | backward s "
+        "| optimizer s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        phases = row["phases"]
+        lines.append(
+            f"| {name} | {row['seconds']:.2f} | {first / row['seconds']:.2f}× | "
+            f"{row['peak_memory_mb']:.0f} | {phases['rollout']:.2f} | {phases['backward']:.2f} | "
+            f"{phases['optimizer']:.2f} |"
+        )
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{suite}-ablation.json", {"suite": suite, "size": size, "rows": rows})
+    (out / f"{suite}-ablation.md").write_text("\n".join(lines) + "\n")
+    typer.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app()
