@@ -95,3 +95,34 @@ def paper_projection(figures: dict, suite) -> dict:
         "gpus": rows,
         "assumptions": __doc__.split("\n\n")[2].strip(),
     }
+
+
+TRANSFORMER_PHASES = ("rollout", "branch_forward", "backward")
+
+
+def scaled_to_flux_dev(figures: dict, transformer: dict, parameters: int) -> dict:
+    """Each variant's measured step, its transformer phases scaled to 19 + 38 blocks.
+
+    rollout, branch forward and backward scale with the transformer's FLOPs at the suite's own
+    token counts (FLUX.1-dev's forward / the measured model's), the optimizer with the parameter
+    count; VAE decode and reward are unchanged. A prediction for this machine, not a measurement.
+    """
+    spec = figures["spec"]
+    image_tokens, text_tokens = (spec["train_px"] // 16) ** 2, spec["text_tokens"]
+    flops = transformer_forward_flops(FLUX_DEV, image_tokens, text_tokens)["total"]
+    factor = flops / transformer_forward_flops(transformer, image_tokens, text_tokens)["total"]
+    optimizer_factor = flux_dev_parameters() / parameters
+    seconds = {}
+    for variant, phases in figures["train_step"]["phases"].items():
+        seconds[variant] = sum(
+            value
+            * (
+                factor
+                if phase in TRANSFORMER_PHASES
+                else optimizer_factor
+                if phase == "optimizer"
+                else 1.0
+            )
+            for phase, value in phases.items()
+        )
+    return {"flops_factor": factor, "optimizer_factor": optimizer_factor, "step_seconds": seconds}

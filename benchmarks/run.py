@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -28,7 +29,7 @@ from benchmarks.flops import (
     transformer_forward_flops,
 )
 from benchmarks.models import BenchModels, ensure_models
-from benchmarks.project import memory_per_rank, paper_projection
+from benchmarks.project import memory_per_rank, paper_projection, scaled_to_flux_dev
 from benchmarks.suites import ModelSpec, Suite, get_suite
 from srpo.io import git_commit, package_versions, write_json
 
@@ -163,7 +164,8 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
     best_batch = max(sampling["ours"], key=lambda b: sampling["ours"][b]["images_per_s"])
     best = sampling["ours"][best_batch]
     gflops = peak  # the whole machine: on the CPU the ranks share its cores
-    return {
+    parameters = _parameter_count(models.flux / "transformer")
+    figures = {
         "spec": asdict(spec),
         "world_size": world,
         "train_step": {
@@ -195,6 +197,20 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
         },
         "side_flops": side,
     }
+    figures["flux_dev_depth"] = scaled_to_flux_dev(figures, transformer, parameters)
+    return figures
+
+
+def _parameter_count(folder: Path) -> int:
+    """Parameters of a saved diffusers model, read from its safetensors headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+                total += math.prod(weights.get_slice(name).get_shape())
+    return total
 
 
 def _same_losses(first: dict, second: dict, tolerance: float = 1e-4) -> bool:

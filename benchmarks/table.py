@@ -32,6 +32,21 @@ def markdown(result: dict) -> str:
             f"{_f(100 * train['mfu'], 1)}% / {_f(100 * train['mfu_literal_no_anomaly'], 1)}% | "
             f"{'yes' if train['losses_equal'] else 'NO'} |"
         )
+    lines += [
+        "",
+        "Step seconds with the transformer phases scaled to FLUX.1-dev's 19 + 38 blocks by FLOPs "
+        "(a prediction for this machine):",
+        "",
+        "| model | ours | literal | literal, no anomaly | scale |",
+        "|---|---|---|---|---|",
+    ]
+    for name, model in result["models"].items():
+        depth = model["flux_dev_depth"]
+        seconds = depth["step_seconds"]
+        lines.append(
+            f"| {name} | {_f(seconds['ours'], 1)} | {_f(seconds['literal'], 1)} | "
+            f"{_f(seconds['literal-no-anomaly'], 1)} | {_f(depth['flops_factor'], 1)}× |"
+        )
     lines += ["", "Per-phase seconds of one step (mean over ranks):", ""]
     phases = ("rollout", "branch_forward", "vae_decode", "reward", "backward", "optimizer")
     lines += ["| model | variant | " + " | ".join(phases) + " |", "|---|---|" + "---|" * 6]
