@@ -19,22 +19,22 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from benchmarks.suites import ModelSpec
 from srpo.encode import encode_prompts
+from srpo.hpd import BUNDLED
 from srpo.io import atomic_path, write_json
 from srpo.rewards import hpsv2
 from srpo.rewards.open_clip_io import create_model, save_deterministic
 from srpo.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
-from srpo.tiny import flux_scheduler, seeded, tiny_clip_text_encoder, tiny_t5_encoder, tiny_vae
+from srpo.tiny import (
+    flux_scheduler,
+    seeded,
+    tiny_clip_text_encoder,
+    tiny_t5_encoder,
+    tiny_vae,
+    vae_of_flux_layout,
+)
 
-PROMPTS = [
-    "a red fox sitting in the snow",
-    "a lighthouse on a cliff at sunset",
-    "portrait of an old fisherman",
-    "a bowl of ripe oranges on a table",
-    "a futuristic city skyline at night",
-    "a small wooden boat on a calm lake",
-    "a girl reading a book under a tree",
-    "mountains covered in fog at dawn",
-]
+PROMPTS = [row["prompt"] for row in json.loads((BUNDLED / "train.json").read_text())][:8]
+"""The first training prompts of the bundled HPD set."""
 REAL_WIDTH = {
     "attention_head_dim": 128,
     "num_attention_heads": 24,
@@ -74,22 +74,7 @@ def transformer_config(spec: ModelSpec) -> dict:
 
 def flux_vae(seed: int) -> AutoencoderKL:
     """FLUX.1-dev's VAE architecture (diffusers config of black-forest-labs/FLUX.1-dev)."""
-    with seeded(seed):
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            norm_num_groups=32,
-            sample_size=1024,
-            shift_factor=0.1159,
-            scaling_factor=0.3611,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+    return vae_of_flux_layout(seed, (128, 256, 512, 512), 2, 32, 1024)
 
 
 def _text_encoders(real_width: bool, seed: int, clip_vocab: int, t5_vocab: int):
@@ -143,7 +128,7 @@ def build_reward(kind: str, out_dir: Path, seed: int = 0) -> tuple[Path, Path | 
 
 
 def spec_key(spec: ModelSpec) -> str:
-    text = json.dumps(asdict(spec), sort_keys=True)
+    text = json.dumps({**asdict(spec), "prompts": PROMPTS}, sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 

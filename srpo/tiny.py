@@ -54,24 +54,32 @@ def tiny_transformer(seed: int) -> FluxTransformer2DModel:
         )
 
 
-def tiny_vae(seed: int) -> AutoencoderKL:
-    """FLUX's 16-channel VAE shape (scale factor 8, FLUX's shift/scale, no quant convs)."""
+def vae_of_flux_layout(
+    seed: int, channels: tuple[int, ...], layers: int, groups: int, sample_size: int
+) -> AutoencoderKL:
+    """FLUX's 16-channel VAE layout (4 blocks: scale factor 8, FLUX's shift/scale, no quant
+    convs) at any width."""
     with seeded(seed):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
+            block_out_channels=channels,
+            layers_per_block=layers,
             latent_channels=16,
-            norm_num_groups=4,
-            sample_size=64,
+            norm_num_groups=groups,
+            sample_size=sample_size,
             shift_factor=0.1159,
             scaling_factor=0.3611,
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
+
+
+def tiny_vae(seed: int) -> AutoencoderKL:
+    """FLUX's VAE layout at width 8."""
+    return vae_of_flux_layout(seed, (8, 8, 8, 8), 1, 4, 64)
 
 
 def tiny_clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModel:
