@@ -42,12 +42,11 @@ from srpo.flux import LatentGeometry, load_transformer, load_vae, vae_scale_fact
 from srpo.rewards import load_reward
 from srpo.rewards.base import CLIP_MEAN, CLIP_STD
 from srpo.train.data import batch_prompt_numbers, sample_mid, step_noise
+from srpo.train.loop import StepStats
 from srpo.train.parallel import DistributedContext
 from srpo.train.timing import PhaseTimer
 
 BLOCKS = (FluxTransformerBlock, FluxSingleTransformerBlock)
-POSITIVE = ["Natural-lighting", "Detail", "Detailed", "Real"]
-NEGATIVE = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
 
 
 class LiteralTrainer:
@@ -155,8 +154,9 @@ class LiteralTrainer:
         sample = self.ctx.rank * self.local_batch + row
         mid = sample_mid(config.seed, self.step, sample, settings)
         caption = cond.captions[row]
-        pos_caption = f"{POSITIVE[self.step % len(POSITIVE)]}. {caption}"
-        neg_caption = f"{NEGATIVE[self.step % len(NEGATIVE)]}. {caption}"
+        positive, negative = settings.positive_words, settings.negative_words
+        pos_caption = f"{positive[self.step % len(positive)]}. {caption}"
+        neg_caption = f"{negative[self.step % len(negative)]}. {caption}"
         discount = torch.linspace(*settings.discount_pos, length)
         discount_inversion = torch.linspace(*settings.discount_inv, length)
         coarse = sigma_schedule(settings.schedule_steps, settings.shift)
@@ -200,8 +200,6 @@ class LiteralTrainer:
             stats.add(f"reward/{name}", float(reward.detach().mean()))
 
     def train_step(self) -> dict[str, float]:
-        from srpo.train.loop import StepStats
-
         self.step += 1
         config, device = self.config, self.ctx.device
         first = self.ctx.rank * self.local_batch

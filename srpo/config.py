@@ -94,9 +94,8 @@ class TrainConfig(_Section):
         "rollout",
         description="how long an FSDP2 block keeps its all-gathered parameters: through the "
         "no-grad rollout (one gather instead of 25; full parameters, no gradients, in memory), "
-        "through the whole "
-        "step (also the branches' forward and backward; full parameters in memory while the "
-        "gradients are), or one forward (FSDP2's default)",
+        "through the whole step (also the branches' forward and backward; full parameters in "
+        "memory while the gradients are), or one forward (FSDP2's default)",
     )
     vae_tiling: bool = False
     vae_slicing: bool = False
