@@ -15,6 +15,11 @@
 # environment of the image, so the packages a metric runs with in its container are the very
 # ones CI tests here; every pin is installed with its hashes from envs/NAME.lock.txt.
 #
+# Idempotent: the environment is re-built only when its lock or the main lock changes. Either
+# way the command `srpo-NAME` (this environment's `srpo`) is (re)written into the main .venv's
+# bin/, so that the workflow's rules of this environment find it on the main PATH, here and in
+# the image of NAME alike.
+#
 # Usage (from anywhere): bash envs/metric-env.sh NAME   (needs the main .venv first)
 set -euo pipefail
 name=${1:?usage: bash envs/metric-env.sh NAME}
@@ -24,6 +29,19 @@ main=$root/.venv
 venv=$root/.venv-$name
 [[ -f $lock ]] || { echo "metric-env: no lock $lock (names: hpsv3, imagereward)" >&2; exit 1; }
 [[ -x $main/bin/python ]] || { echo "metric-env: create the main environment $main first" >&2; exit 1; }
+
+# The `srpo` of this environment, on the main environment's PATH.
+launcher() {
+  printf '#!/bin/sh\nexec "%s" -m srpo "$@"\n' "$venv/bin/python" > "$1"
+  chmod +x "$1"
+}
+stamp=$venv/.locks.sha256
+want=$(cat "$lock" "$root/envs/main.lock.txt" | sha256sum | cut -d' ' -f1)
+if [[ -x $venv/bin/srpo && "$(cat "$stamp" 2> /dev/null)" == "$want" ]]; then
+  launcher "$main/bin/srpo-$name"
+  echo "$venv is up to date with its lock"
+  exit 0
+fi
 
 rm -rf "$venv"
 # Without pip or setuptools of its own: ensurepip's old setuptools would shadow the main one
@@ -59,8 +77,9 @@ fi
 purelib='import sysconfig; print(sysconfig.get_path("purelib"))'
 main_site=$("$main/bin/python" -c "$purelib")
 echo "import site; site.addsitedir('$main_site')" > "$("$venv/bin/python" -c "$purelib")/zz-main-venv.pth"
-# The `srpo` command of this environment (score_<metric> rules run `srpo score` in it); the
-# main .venv's console script would start the main interpreter.
-printf '#!/bin/sh\nexec "%s" -m srpo "$@"\n' "$venv/bin/python" > "$venv/bin/srpo"
-chmod +x "$venv/bin/srpo"
+# The `srpo` command of this environment, also as `srpo-NAME` in the main one (score_<metric>
+# rules run `srpo-NAME score`); the main .venv's console script would start the main interpreter.
+launcher "$venv/bin/srpo"
+launcher "$main/bin/srpo-$name"
+echo "$want" > "$stamp"
 echo "created $venv: $(grep -c . "$overlay") packages of its own over $main"

@@ -211,7 +211,13 @@ def report_command(
     training_run: Annotated[
         list[str] | None, typer.Option(help="LABEL=DIR TensorBoard folders for curves.")
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="Config to record in provenance.")] = None,
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Workflow config file(s) that produced the scores, repeatable: named at the "
+            "report's top (with a warning when `tiny_models` is true) and kept in provenance."
+        ),
+    ] = None,
     precision: Annotated[int, typer.Option(help="Decimals in the tables.")] = 4,
 ) -> None:
     """Paper-style tables (Markdown, LaTeX, CSV), figures and provenance from score files."""
@@ -219,7 +225,7 @@ def report_command(
 
     sample_dirs = {k: Path(v) for k, v in _pairs(samples, "--samples").items()}
     runs = {k: Path(v) for k, v in _pairs(training_run, "--training-run").items()}
-    report = write_report(scores, baseline, out_dir, sample_dirs, runs, config, precision)
+    report = write_report(scores, baseline, out_dir, sample_dirs, runs, config or (), precision)
     typer.echo(f"wrote {report}")
 
 

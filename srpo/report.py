@@ -7,6 +7,7 @@ baseline model. The Markdown report embeds the PNG figures by relative path.
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+import yaml
 from scipy import stats
 
 from srpo.io import InputError, atomic_path, provenance, write_json
@@ -262,6 +264,58 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
     return path
 
 
+def _read_configs(configs: Sequence[Path]) -> dict[str, dict]:
+    """Each workflow config file's keys, by path, in command-line order (later ones win)."""
+    read = {}
+    for path in map(Path, configs):
+        try:
+            read[str(path)] = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise InputError(f"{path}: unreadable workflow config ({error})") from None
+        if not isinstance(read[str(path)], dict):
+            raise InputError(f"{path}: expected a YAML mapping of config keys")
+    return read
+
+
+def _origin(configs: dict[str, dict]) -> list[str]:
+    """The report's opening sentences: which config made it, and what tiny scores can mean."""
+    if not configs:
+        return []
+    merged = {key: value for config in configs.values() for key, value in config.items()}
+    files = " + ".join(f"`{path}`" for path in configs)
+    sentences = [f"Produced by the workflow config {files} (run `{merged.get('run', '?')}`)."]
+    if merged.get("tiny_models"):
+        sentences.append(
+            "Tiny random-initialised models (`tiny_models: true`): these scores only show that "
+            "the pipeline runs end to end. They carry no meaning about SRPO or FLUX.1-dev."
+        )
+    return sentences
+
+
+def tables_html(title: str, origin: Sequence[str], tables: dict[str, pd.DataFrame]) -> str:
+    """The paper-style tables as one HTML page (what `snakemake --report` shows inline)."""
+
+    def paragraph(sentence: str) -> str:
+        parts = html.escape(sentence).split("`")
+        return "<p>" + "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    body = "".join(
+        f"<h2>{html.escape(heading)}</h2>"
+        f"{table.reset_index().to_html(border=0, classes='scores', index=False)}"
+        for heading, table in tables.items()
+    )
+    style = (
+        "body{font-family:sans-serif;margin:1.5em}table.scores{border-collapse:collapse;"
+        "margin-bottom:1.5em}th,td{padding:.3em .8em;border-bottom:1px solid #ccc;"
+        "text-align:right}th:first-child,td:first-child{text-align:left}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"{''.join(map(paragraph, origin))}{body}</body></html>\n"
+    )
+
+
 def _weight_hashes(scores: pd.DataFrame, samples: dict[str, Path]) -> dict[str, object]:
     hashes: dict[str, object] = {
         f"metric:{metric}": json.loads(value)
@@ -280,10 +334,13 @@ def write_report(
     out_dir: Path,
     samples: dict[str, Path] | None = None,
     training_runs: dict[str, Path] | None = None,
-    config: Path | None = None,
+    configs: Sequence[Path] = (),
     precision: int = 4,
 ) -> Path:
-    """Write report.md, tables/ (CSV, .tex, .md), figures/ and provenance.json into out_dir."""
+    """Write report.md, tables/ (CSV, .tex, .md, .html), figures/ and provenance.json into
+    out_dir. `configs`: the workflow config file(s) that produced the scores, named at the top."""
+    workflow_configs = _read_configs(configs)
+    origin = _origin(workflow_configs)
     scores = read_scores(score_files)
     summary = summarise(scores, baseline)
     models = [baseline, *sorted(set(scores["model"]) - {baseline})]
@@ -298,6 +355,7 @@ def write_report(
     sections = [
         "# SRPO evaluation report",
         "",
+        *(line for sentence in origin for line in (sentence, "")),
         f"Baseline: **{baseline}**. Cells: mean ± std over images (change of the mean vs the "
         "baseline). 95% confidence intervals: `tables/summary.csv`.",
         "",
@@ -307,15 +365,19 @@ def write_report(
         "",
     ]
     latex = [to_latex(overall, "Mean ± std per metric (change vs baseline).", "tab:overall")]
+    html_tables = {"All prompts": overall}
     for metric in _metric_order(list(summary["metric"].unique())):
         per_style = style_table(summary, metric, baseline, models, precision)
         title = METRIC_TITLES.get(metric, metric)
         sections += [f"## {title} by HPD style", "", to_markdown(per_style), ""]
         latex.append(to_latex(per_style, f"{title} by HPD style.", f"tab:{metric}-styles"))
+        html_tables[f"{title} by HPD style"] = per_style
     with atomic_path(tables / "overall.md") as staged:
         staged.write_text(to_markdown(overall) + "\n")
     with atomic_path(tables / "tables.tex") as staged:
         staged.write_text("\n".join(latex))
+    with atomic_path(tables / "tables.html") as staged:
+        staged.write_text(tables_html("SRPO evaluation: mean ± std", origin, html_tables))
 
     sections += ["## Score distributions", "", "![scores](figures/score_distributions.png)", ""]
     score_distributions(scores, models, figures / "score_distributions.png")
@@ -334,8 +396,8 @@ def write_report(
         sections += ["## Training curves", "", "![curves](figures/training_curves.png)", ""]
 
     record = provenance(
-        {"config_file": str(config) if config else None,
-         "config": Path(config).read_text() if config else None},
+        {"config_files": list(workflow_configs),
+         "configs": {path: Path(path).read_text() for path in workflow_configs}},
         None,
     )  # fmt: skip
     record["weights"] = _weight_hashes(scores, samples or {})
@@ -349,8 +411,8 @@ def write_report(
         "- packages: " + ", ".join(f"{k} {v}" for k, v in record["packages"].items()),
         "- weights (sha256): see `provenance.json`",
     ]
-    if config:
-        sections += ["", "```yaml", Path(config).read_text().rstrip(), "```"]
+    for path in workflow_configs:
+        sections += ["", f"`{path}`:", "", "```yaml", Path(path).read_text().rstrip(), "```"]
     report = out_dir / "report.md"
     with atomic_path(report) as staged:
         staged.write_text("\n".join(sections) + "\n")

@@ -84,6 +84,20 @@ def copy_workflow(folder: Path, *extra: str) -> Path:
     return folder
 
 
+def snakemake(folder: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in `folder`, with this environment's bin/ (srpo, srpo-ENV) on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = run_env(PATH=f"{bin_dir}:{run_env()['PATH']}")
+    return subprocess.run(
+        [os.path.join(bin_dir, "snakemake"), *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def run_srpo(
     config: Path, nproc: int | None, *extra: str, **env: str
 ) -> subprocess.CompletedProcess:

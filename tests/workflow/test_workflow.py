@@ -7,23 +7,12 @@ run writes its results/ there, exactly as `snakemake --cores 2` does at the repo
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, copy_workflow, run_env
+from support import REPO, snakemake
 
 pytestmark = pytest.mark.workflow
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-
-
-def snakemake(folder: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    bin_dir = str(Path(sys.executable).parent)
-    env = run_env(PATH=f"{bin_dir}:{run_env()['PATH']}")
-    return subprocess.run(
-        [SNAKEMAKE, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def jobs_planned(result: subprocess.CompletedProcess) -> dict[str, int]:
@@ -36,31 +25,31 @@ def jobs_planned(result: subprocess.CompletedProcess) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return copy_workflow(tmp_path_factory.mktemp("workflow"))
-
-
-@pytest.fixture(scope="module")
-def finished(workdir) -> Path:
-    result = snakemake(workdir, "--cores", "2")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return workdir
-
-
 def test_tiny_workflow_end_to_end(finished):
     report = finished / "results" / "tiny" / "report"
     text = (report / "report.md").read_text()
-    for heading in ("## All prompts", "## HPSv2.1 by HPD style", "## Aesthetic by HPD style",
-                    "## PickScore by HPD style", "## Image grid", "## Training curves",
-                    "## Provenance"):  # fmt: skip
+    for heading in ("## All prompts", "## HPSv2.1 by HPD style", "## HPSv3 by HPD style",
+                    "## Aesthetic by HPD style", "## PickScore by HPD style", "## Image grid",
+                    "## Training curves", "## Provenance"):  # fmt: skip
         assert heading in text, heading
+    # The paper's three metrics first, in its order, then PickScore.
+    assert "| model | HPSv2.1 | HPSv3 | Aesthetic | PickScore |" in text
     for figure in ("score_distributions", "image_grid", "training_curves"):
         assert f"figures/{figure}.png" in text
         assert (report / "figures" / f"{figure}.png").stat().st_size > 1000
-    assert "| SRPO |" in text and "| FLUX.1-dev |" in text
     for style in ("anime", "concept-art", "paintings", "photo"):
         assert style in text
+
+
+def test_tiny_report_says_what_its_models_are(finished):
+    text = (finished / "results" / "tiny" / "report" / "report.md").read_text()
+    opening = text.split("## All prompts")[0]
+    assert "Produced by the workflow config `config/config.yaml` (run `tiny`)." in opening
+    assert "Tiny random-initialised models" in opening and "no meaning" in opening
+    assert "| tiny FLUX (random init) |" in text and "| tiny SRPO |" in text
+    assert "FLUX.1-dev |" not in text and "| SRPO |" not in text
+    html = (finished / "results" / "tiny" / "report" / "tables" / "tables.html").read_text()
+    assert "Tiny random-initialised models" in html and "<th>HPSv3</th>" in html
 
 
 def test_second_run_does_nothing(finished):
@@ -83,7 +72,7 @@ def test_sampling_setting_reruns_sampling_scoring_and_report(finished, tmp_path)
     changed.write_text(yaml.safe_dump(config, sort_keys=False))
     planned = jobs_planned(snakemake(finished, "-n", "--cores", "2", "--configfile", str(changed)))
     assert set(planned) == {"sample_eval", "gather_samples", "report", "all"} | {
-        f"score_{metric}" for metric in config["metrics"]
+        f"score_{metric}" for metric in config["scored_metrics"]
     }
     assert planned["sample_eval"] == 2 * config["sample"]["shards"]
 
@@ -99,7 +88,25 @@ def test_snakemake_report_html(finished):
     result = snakemake(finished, "--report", "report.html")
     assert result.returncode == 0, result.stderr[-3000:]
     html = (finished / "report.html").read_text(errors="replace")
-    assert "image_grid.png" in html and "summary.csv" in html
+    assert "image_grid.png" in html and "summary.csv" in html and "tables.html" in html
+
+
+def test_imagereward_is_one_config_line_away(finished):
+    """Opting in plans its tiny build (in its own environment), its score and the report."""
+    scored = "scored_metrics=[hpsv2,hpsv3,aesthetic,pickscore,imagereward]"
+    planned = jobs_planned(snakemake(finished, "-n", "--cores", "2", "--config", scored))
+    assert planned == {"build_tiny_imagereward": 1, "score_imagereward": 1, "report": 1, "all": 1}
+
+
+def test_lint_before_any_image_is_published(workdir):
+    """A fresh clone (every image null): one notice naming the command that publishes them."""
+    result = snakemake(workdir, "--lint")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    notices = [line for line in output.splitlines() if "bash containers/build.sh --push" in line]
+    assert len(notices) == 1 and notices[0].startswith("containers: no image published yet")
+    assert "Specify a conda environment or container" not in output
+    assert "Lints for rule" not in output
 
 
 @pytest.mark.parametrize(
@@ -109,6 +116,7 @@ def test_snakemake_report_html(finished):
         (lambda c: c["sample"].update(steps="many"), "config: sample.steps: 'many' is not of"),
         (lambda c: c["metrics"].update(clipscore={"weights": {}}), "config: metrics: 'clipscore'"),
         (lambda c: c["prompts"].update(source="web"), "config: prompts.source: 'web' is not one"),
+        (lambda c: c["metrics"].pop("hpsv3"), "config: scored_metrics: 'hpsv3' has no settings"),
     ],
 )
 def test_broken_config_fails_at_dag_time(tmp_path, edit, message):

@@ -11,6 +11,11 @@ rule report:
             category="Tables",
         ),
         tables=f"{OUT}/report/tables/tables.tex",
+        tables_html=report(
+            f"{OUT}/report/tables/tables.html",
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
         scores=report(
             f"{OUT}/report/figures/score_distributions.png",
             caption="../report/scores.rst",
@@ -38,14 +43,14 @@ rule report:
         cpus_per_task=resources("report", "cpus"),
         gpu=resources("report", "gpu"),
     params:
-        baseline=config["report"]["baseline"],
+        baseline=shlex.quote(config["report"]["baseline"]),
         samples=samples_option(),
-        run=f"{config['report']['trained']}={OUT}/train/tensorboard",
+        run=shlex.quote(f"{config['report']['trained']}={OUT}/train/tensorboard"),
         folder=lambda wildcards, output: os.path.dirname(output.report),
         precision=config["report"].get("precision", 4),
         scores=lambda wildcards, input: " ".join(f"--scores {f}" for f in input.scores),
-        config=workflow.configfiles[0] if workflow.configfiles else "config/config.yaml",
+        configs=" ".join(shlex.quote(f"--config={path}") for path in WORKFLOW_CONFIGS),
     shell:
-        "srpo report {params.scores} --baseline '{params.baseline}' {params.samples}"
-        " --training-run {params.run} --config {params.config} --out-dir {params.folder}"
+        "srpo report {params.scores} --baseline {params.baseline} {params.samples}"
+        " --training-run {params.run} {params.configs} --out-dir {params.folder}"
         " --precision {params.precision} > {log} 2>&1"

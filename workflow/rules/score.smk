@@ -1,4 +1,4 @@
-for _metric in config["metrics"]:
+for _metric in SCORED:
 
     rule:
         name:
@@ -21,7 +21,7 @@ for _metric in config["metrics"]:
             cpus_per_task=resources(f"score_{_metric}", "cpus"),
             gpu=resources(f"score_{_metric}", "gpu"),
         params:
-            srpo=config["metrics"][_metric].get("command", "srpo"),
+            srpo=metric_command(_metric),
             metric=_metric,
             samples=samples_option(),
             weights=metric_weights(_metric),
