@@ -218,6 +218,12 @@ def report_command(
             "report's top (with a warning when `tiny_models` is true) and kept in provenance."
         ),
     ] = None,
+    config_override: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE given to snakemake --config, repeatable: named with --config."
+        ),
+    ] = None,
     precision: Annotated[int, typer.Option(help="Decimals in the tables.")] = 4,
 ) -> None:
     """Paper-style tables (Markdown, LaTeX, CSV), figures and provenance from score files."""
@@ -225,7 +231,9 @@ def report_command(
 
     sample_dirs = {k: Path(v) for k, v in _pairs(samples, "--samples").items()}
     runs = {k: Path(v) for k, v in _pairs(training_run, "--training-run").items()}
-    report = write_report(scores, baseline, out_dir, sample_dirs, runs, config or (), precision)
+    report = write_report(
+        scores, baseline, out_dir, sample_dirs, runs, config or (), precision, config_override or ()
+    )
     typer.echo(f"wrote {report}")
 
 

@@ -277,13 +277,16 @@ def _read_configs(configs: Sequence[Path]) -> dict[str, dict]:
     return read
 
 
-def _origin(configs: dict[str, dict]) -> list[str]:
+def _origin(configs: dict[str, dict], overrides: Sequence[str]) -> list[str]:
     """The report's opening sentences: which config made it, and what tiny scores can mean."""
     if not configs:
         return []
     merged = {key: value for config in configs.values() for key, value in config.items()}
     files = " + ".join(f"`{path}`" for path in configs)
-    sentences = [f"Produced by the workflow config {files} (run `{merged.get('run', '?')}`)."]
+    changed = "".join(f", `--config {override}`" for override in overrides)
+    sentences = [
+        f"Produced by the workflow config {files}{changed} (run `{merged.get('run', '?')}`)."
+    ]
     if merged.get("tiny_models"):
         sentences.append(
             "Tiny random-initialised models (`tiny_models: true`): these scores only show that "
@@ -336,11 +339,13 @@ def write_report(
     training_runs: dict[str, Path] | None = None,
     configs: Sequence[Path] = (),
     precision: int = 4,
+    config_overrides: Sequence[str] = (),
 ) -> Path:
     """Write report.md, tables/ (CSV, .tex, .md, .html), figures/ and provenance.json into
-    out_dir. `configs`: the workflow config file(s) that produced the scores, named at the top."""
+    out_dir. `configs`: the workflow config file(s) that produced the scores, named at the top
+    with the command line's `config_overrides` (KEY=VALUE)."""
     workflow_configs = _read_configs(configs)
-    origin = _origin(workflow_configs)
+    origin = _origin(workflow_configs, config_overrides)
     scores = read_scores(score_files)
     summary = summarise(scores, baseline)
     models = [baseline, *sorted(set(scores["model"]) - {baseline})]
@@ -396,7 +401,7 @@ def write_report(
         sections += ["## Training curves", "", "![curves](figures/training_curves.png)", ""]
 
     record = provenance(
-        {"config_files": list(workflow_configs),
+        {"config_files": list(workflow_configs), "config_overrides": list(config_overrides),
          "configs": {path: Path(path).read_text() for path in workflow_configs}},
         None,
     )  # fmt: skip

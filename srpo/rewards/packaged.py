@@ -27,7 +27,7 @@ def import_package(module: str, environment: str) -> ModuleType:
     except ImportError as error:
         raise InputError(
             f"{module} cannot be imported here ({first_line(error)}); "
-            f"run in .venv-{environment}: bash envs/metric-env.sh {environment}"
+            f"run with srpo-{environment} after bash envs/metric-env.sh {environment}"
         ) from None
 
 

@@ -30,6 +30,9 @@ DETERMINISTIC = re.compile(
     r"|tables/overall\.md$|/config\.json$|tokenizer(_config)?\.json$|source\.json$"
 )
 NOT_DETERMINISTIC = re.compile(r"/rng-rank\d+\.pt$|/logs/|/benchmarks/")
+# The main image holds the main environment only: the metrics of the hpsv3 and imagereward
+# environments run in their own images (under --sdm apptainer, one image per rule).
+MAIN_ENV_METRICS = "scored_metrics=[hpsv2,aesthetic,pickscore]"
 
 
 def image_exists(tag: str) -> bool:
@@ -78,7 +81,7 @@ def tiny_workflow(folder: Path, *runner: str) -> dict[str, str]:
     copy_workflow(folder)
     env = run_env(PATH=f"{BIN}:{run_env()['PATH']}", HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [*runner, "snakemake", "--cores", "2"],
+        [*runner, "snakemake", "--cores", "2", "--config", MAIN_ENV_METRICS],
         cwd=folder,
         env=env,
         capture_output=True,

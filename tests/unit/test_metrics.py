@@ -344,7 +344,7 @@ def test_own_environment_metrics_name_their_environment(
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is importable: this is its own environment")
     environment = OWN_ENVIRONMENT[name]
-    hint = f"run in .venv-{environment}: bash envs/metric-env.sh {environment}"
+    hint = f"run with srpo-{environment} after bash envs/metric-env.sh {environment}"
     one_line_error(name, package, hint, **dict.fromkeys(files, tmp_path / "absent"))
 
 

@@ -113,3 +113,37 @@ def test_bad_inputs(files, tmp_path):
         read_scores([tmp_path / "bad.parquet"])
     with pytest.raises(InputError, match="baseline model 'nope' has no scores"):
         summarise(read_scores(files), "nope")
+
+
+def test_report_names_its_config_and_what_tiny_scores_mean(files, tmp_path):
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("run: tiny\ntiny_models: true\n")
+    report = write_report(
+        files, "base", tmp_path / "tiny-out", configs=[tiny], config_overrides=["sample.steps=3"]
+    )
+    opening = report.read_text().split("## All prompts")[0]
+    assert f"Produced by the workflow config `{tiny}`, `--config sample.steps=3` (run `tiny`)." in (
+        opening
+    )
+    assert "Tiny random-initialised models" in opening
+    html = (tmp_path / "tiny-out" / "tables" / "tables.html").read_text()
+    assert "<code>tiny_models: true</code>" in html
+    # The paper-style tables as HTML: the overall one and one per metric by style.
+    assert html.count("<table") == 3 and "<th>HPSv2.1</th>" in html and "<td>srpo</td>" in html
+    provenance = json.loads((tmp_path / "tiny-out" / "provenance.json").read_text())
+    assert provenance["config"]["configs"] == {str(tiny): "run: tiny\ntiny_models: true\n"}
+
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("run: paper\ntiny_models: false\n")
+    text = write_report(files, "base", tmp_path / "paper-out", configs=[paper]).read_text()
+    assert f"Produced by the workflow config `{paper}` (run `paper`)." in text
+    assert "Tiny random-initialised" not in text
+
+
+def test_unreadable_workflow_config_is_one_line(files, tmp_path):
+    with pytest.raises(InputError, match=r"absent.yaml: unreadable workflow config"):
+        write_report(files, "base", tmp_path / "out", configs=[tmp_path / "absent.yaml"])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(InputError, match=r"list.yaml: expected a YAML mapping of config keys"):
+        write_report(files, "base", tmp_path / "out", configs=[tmp_path / "list.yaml"])
+    assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """Config validation and every piece of Python the rules use; rules hold no logic."""
 
+import json
 import os
 import shlex
 import sys
@@ -46,6 +47,15 @@ def scored_metrics():
 
 
 SCORED = scored_metrics()
+
+
+def config_overrides():
+    """`--config KEY=VALUE` of the command line, as `srpo report --config-override` options."""
+    overrides = workflow.config_settings.overwrite_config or {}
+    return " ".join(
+        shlex.quote(f"--config-override={key}={json.dumps(value)}")
+        for key, value in sorted(overrides.items())
+    )
 
 
 wildcard_constraints:

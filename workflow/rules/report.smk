@@ -50,7 +50,9 @@ rule report:
         precision=config["report"].get("precision", 4),
         scores=lambda wildcards, input: " ".join(f"--scores {f}" for f in input.scores),
         configs=" ".join(shlex.quote(f"--config={path}") for path in WORKFLOW_CONFIGS),
+        overrides=config_overrides(),
     shell:
         "srpo report {params.scores} --baseline {params.baseline} {params.samples}"
-        " --training-run {params.run} {params.configs} --out-dir {params.folder}"
+        " --training-run {params.run} {params.configs} {params.overrides}"
+        " --out-dir {params.folder}"
         " --precision {params.precision} > {log} 2>&1"
