@@ -174,16 +174,24 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ step
-    def _x0(self, numbers: list[int], cond: Conditioning, noise: torch.Tensor) -> torch.Tensor:
-        """Clean latents the branches start from: rollout (online) or real images (offline)."""
+    def _x0(
+        self, samples: range, numbers: list[int], cond: Conditioning, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Clean latents the branches start from: rollout (online) or real images (offline).
+
+        Offline, each sample's VAE posterior draw has its own generator, seeded by (step,
+        sample) like its mid, so x₀ does not depend on how many processes share the batch."""
         if self.config.mode == "offline":
             images = torch.stack(
                 [load_image(self.images[n], self.config.height, self.config.width) for n in numbers]
             ).to(self.ctx.device)
-            generator = torch.Generator(self.ctx.device).manual_seed(
-                derive_seed(self.config.seed, "vae", self.step, self.ctx.rank)
-            )
-            return self.vae.encode(images, generator)
+            generators = [
+                torch.Generator(self.ctx.device).manual_seed(
+                    derive_seed(self.config.seed, "vae", self.step, sample)
+                )
+                for sample in samples
+            ]
+            return self.vae.encode(images, generators)
         velocity = make_velocity(
             self.model,
             self.geometry,
@@ -202,7 +210,7 @@ class Trainer:
     ) -> StepStats:
         """Rollout of the local samples, then both branches of each, gradients accumulated."""
         config, timer = self.config, self.timer
-        x0 = self._x0(numbers, cond, noise)
+        x0 = self._x0(samples, numbers, cond, noise)
         stats = StepStats()
         for row, sample in enumerate(samples):
             mid = sample_mid(config.seed, self.step, sample, self.settings)

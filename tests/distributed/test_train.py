@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from support import assert_ok, kill_tree, run_env, run_srpo, start_srpo
+from support import TRAIN_PROMPTS, assert_ok, kill_tree, run_env, run_srpo, start_srpo
 
 from srpo.train.checkpoint import PAUSE_ENV, Checkpointer
 
@@ -42,9 +42,24 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None
         time.sleep(0.1)
 
 
-def test_two_ranks_match_one_rank(write_config, tmp_path):
-    """W processes × B/W samples give the same update as one process × B samples."""
-    one, two = write_config("one", max_steps=2), write_config("two", max_steps=2)
+def real_images(folder: Path, count: int) -> Path:
+    """One distinct image per training prompt number, for the offline mode."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(3)
+    for number in range(count):
+        pixels = torch.randint(0, 256, (72, 80, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{number}.png")
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["online", "offline"])
+def test_two_ranks_match_one_rank(write_config, tmp_path, mode):
+    """W processes × B/W samples give the same update as one process × B samples, in offline
+    mode too (each sample's VAE posterior draw is its own, not its rank's)."""
+    options = {"max_steps": 2, "mode": mode}
+    if mode == "offline":
+        options["offline_images"] = str(real_images(tmp_path / "images", len(TRAIN_PROMPTS)))
+    one, two = write_config("one", **options), write_config("two", **options)
     assert_ok(run_srpo(one, 1))
     assert_ok(run_srpo(two, 2))
     single, double = exported(tmp_path / "one"), exported(tmp_path / "two")
