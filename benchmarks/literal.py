@@ -60,7 +60,7 @@ class LiteralTrainer:
         self.pool = list(range(len(self.cache)))
         self.settings = config.settings()
         device = ctx.device
-        self.autocast = config.param_dtype == "bfloat16"
+        self.autocast = config.precision != "fp32"
         self.vae = load_vae(config.base_model).to(device)  # not frozen, as theirs
         self.geometry = LatentGeometry(config.height, config.width, vae_scale_factor(self.vae))
         reward = load_reward(config.reward.kind, **config.reward.load_arguments()).to(device)

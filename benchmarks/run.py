@@ -58,7 +58,7 @@ def _train_config(models: BenchModels, spec: ModelSpec, suite: Suite, batch: int
         "height": spec.train_px,
         "width": spec.train_px,
         "rollout_steps": suite.rollout_steps,
-        "param_dtype": suite.dtype,
+        "precision": "fp32" if suite.dtype == "float32" else "fsdp-bf16",
     }
     if models.reward_config is not None:
         config["reward"]["model_config_path"] = str(models.reward_config)

@@ -27,10 +27,11 @@ stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Sn
   bash envs/lock.sh --check'
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
-# Both benchmark suites' code paths on the CPU (figures go to a temporary folder; no timing is
-# asserted): the committed figures come from `srpo bench --suite cpu --size full`.
+# Both benchmark suites' and the precision comparison's code paths on the CPU (figures go to a
+# temporary folder; no timing is asserted): the committed figures come from their full sizes.
 stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --out-dir "$out" &&
-  srpo bench --suite gpu --size smoke --out-dir "$out"'
+  srpo bench --suite gpu --size smoke --out-dir "$out" &&
+  python -m benchmarks.precision --size smoke --out-dir "$out"'
 # Debian's Chromium for the HTML report's browser test (installed once; needs root).
 stage workflow bash -c 'bash tests/workflow/install-browser.sh &&
   SRPO_REQUIRE_BROWSER=1 .venv/bin/python -m pytest -q tests/workflow'

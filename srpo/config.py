@@ -86,8 +86,12 @@ class TrainConfig(_Section):
     offline_images: str | None = Field(
         None, description="offline mode: folder of <prompt index>.png images"
     )
-    param_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="FSDP2 compute dtype of parameters (master weights stay fp32)"
+    precision: Literal["fsdp-bf16", "autocast-bf16", "fp32"] = Field(
+        "fsdp-bf16",
+        description="fsdp-bf16: FSDP2 casts the transformer's parameters to bf16, VAE bf16, "
+        "reward fp32; autocast-bf16: the authors' recipe, fp32 parameters with the transformer "
+        "and VAE under bf16 autocast and the reward under fp16 autocast; fp32 (srpo/train/"
+        "precision.py; cost and deviation: benchmarks/README.md)",
     )
     activation_checkpointing: bool = True
     gather_params: Literal["rollout", "step", "forward"] = Field(

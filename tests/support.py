@@ -41,7 +41,7 @@ def tiny_config(models: Path, cache: Path, output_dir: Path, **overrides) -> dic
         "width": 64,
         "rollout_steps": 4,
         "seed": 7,
-        "param_dtype": "float32",
+        "precision": "fp32",
         "export_dtype": "float32",
         "checkpoint_every": 100,
     }

@@ -40,6 +40,7 @@ from srpo.train.data import (
     step_noise,
 )
 from srpo.train.parallel import DTYPES, DistributedContext, kept_gathered, shard_transformer
+from srpo.train.precision import POLICIES, under_autocast
 from srpo.train.timing import PhaseTimer
 
 EXIT_PREEMPTED = 75
@@ -99,9 +100,9 @@ class Trainer:
             self.images = offline_images(Path(config.offline_images), len(self.cache))
             self.pool = sorted(self.images)
 
-        param_dtype = DTYPES[config.param_dtype]
+        self.precision = POLICIES[config.precision]
         device = ctx.device
-        vae = load_vae(config.base_model, dtype=param_dtype).to(device)
+        vae = load_vae(config.base_model, dtype=self.precision.vae_dtype).to(device)
         self.geometry = LatentGeometry(config.height, config.width, scale_of(vae))
         self.vae = FrozenVAE(vae, self.geometry)
         self.vae.configure_memory(config.vae_tiling, config.vae_slicing)
@@ -109,7 +110,10 @@ class Trainer:
         transformer = load_transformer(config.base_model).to(device)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         self.model = shard_transformer(
-            transformer, ctx.mesh(), param_dtype, config.activation_checkpointing
+            transformer,
+            ctx.mesh(),
+            self.precision.transformer_dtype,
+            config.activation_checkpointing,
         )
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
@@ -201,6 +205,7 @@ class Trainer:
             self.config.rollout_guidance,
             self.guidance_embeds,
         )
+        velocity = under_autocast(velocity, self.precision.transformer_autocast, self.ctx.device)
         gathered = kept_gathered(self.model, self.config.gather_params == "rollout")
         with torch.no_grad(), gathered, self.timer.phase("rollout"):
             return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
@@ -209,8 +214,12 @@ class Trainer:
         self, samples: range, numbers: list[int], cond: Conditioning, noise: torch.Tensor
     ) -> StepStats:
         """Rollout of the local samples, then both branches of each, gradients accumulated."""
-        config, timer = self.config, self.timer
+        config, timer, precision, device = self.config, self.timer, self.precision, self.ctx.device
         x0 = self._x0(samples, numbers, cond, noise)
+        decode = under_autocast(self.vae.decode, precision.vae_autocast, device)
+        reward = under_autocast(
+            self.reward.semantic_relative_reward, precision.reward_autocast, device
+        )
         stats = StepStats()
         for row, sample in enumerate(samples):
             mid = sample_mid(config.seed, self.step, sample, self.settings)
@@ -224,12 +233,13 @@ class Trainer:
                 config.train_guidance,
                 self.guidance_embeds,
             )
+            velocity = under_autocast(velocity, precision.transformer_autocast, device)
             for branch in plan_branches(mid, self.settings):
                 output = branch_loss(
                     branch,
                     timer.wrap("branch_forward", velocity),
-                    timer.wrap("vae_decode", self.vae.decode),
-                    timer.wrap("reward", self.reward.semantic_relative_reward),
+                    timer.wrap("vae_decode", decode),
+                    timer.wrap("reward", reward),
                     x0[row : row + 1],
                     noise,
                     prompts,

@@ -129,15 +129,24 @@ def test_fsdp2_gradients_equal_plain_autograd(tiny_models, tiny_cache):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_mixed_precision_step(write_config, tiny_models, tmp_path):
-    """The GPU recipe (bf16 compute, fp32 master weights) runs on the CPU too."""
-    config = write_config("bf16", max_steps=1, param_dtype="bfloat16", export_dtype="bfloat16")
-    assert_ok(run_srpo(config, 1))
-    state = load_file(str(tmp_path / "bf16" / "model" / "diffusion_pytorch_model.safetensors"))
+def test_bf16_precision_policies_train(write_config, tiny_models, tmp_path):
+    """The GPU recipes (srpo/train/precision.py) run on the CPU too: one step of each moves the
+    weights as fp32 does, up to bf16 rounding, and the two bf16 policies are different paths."""
     base = load_file(
         str(tiny_models / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")
     )
-    assert all(
-        t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in state.values()
-    )
-    assert any(not torch.equal(state[k], base[k].bfloat16()) for k in base)
+    updates = {}
+    for precision in ("fp32", "fsdp-bf16", "autocast-bf16"):
+        config = write_config(precision, max_steps=1, precision=precision, export_dtype="float32")
+        assert_ok(run_srpo(config, 1))
+        export = tmp_path / precision / "model" / "diffusion_pytorch_model.safetensors"
+        state = load_file(str(export))
+        assert all(torch.isfinite(t).all() for t in state.values()), precision
+        updates[precision] = torch.cat([(state[k] - base[k]).flatten() for k in sorted(base)])
+    reference = updates["fp32"]
+    assert float(reference.norm()) > 0, "fp32 training changed nothing"
+    for precision in ("fsdp-bf16", "autocast-bf16"):
+        cosine = torch.nn.functional.cosine_similarity(updates[precision], reference, dim=0)
+        assert cosine > 0.9, (precision, float(cosine))
+        assert not torch.equal(updates[precision], reference), precision
+    assert not torch.equal(updates["fsdp-bf16"], updates["autocast-bf16"])

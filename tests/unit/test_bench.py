@@ -34,7 +34,7 @@ def bench_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "height": 64,
         "width": 64,
         "rollout_steps": 3,
-        "param_dtype": "float32",
+        "precision": "fp32",
         "optim": {"learning_rate": 1e-3},
     }
     path = root / "train.yaml"

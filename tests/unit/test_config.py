@@ -42,6 +42,8 @@ def test_defaults_are_the_paper_setting(tmp_path):
         ({**MINIMAL, "srpo": {"groundtruth_ratio": 2}}, "srpo: SRPOSettings.groundtruth_ratio"),
         ({**MINIMAL, "srpo": {"k": 1}}, "srpo: unknown key(s) ['k']"),
         ({**MINIMAL, "mode": "sometimes"}, "mode: Input should be 'online' or 'offline'"),
+        ({**MINIMAL, "param_dtype": "bfloat16"}, "param_dtype: unknown key"),
+        ({**MINIMAL, "precision": "bf16"}, "precision: Input should be 'fsdp-bf16', 'autocast"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, payload, message):

@@ -1,0 +1,178 @@
+"""The three precision policies of `srpo train` side by side on fixed inputs (one process):
+the loss, reward and gradient of one step under each vs the fp32 reference, and its seconds.
+
+    python -m benchmarks.precision [--size smoke|full] [--out-dir DIR]
+
+Every policy starts from the same weights and sees the same prompts, rollout noise and mids
+(same seed, step 1), so the differences are the policy's alone. The gradient is read before
+AdamW's step, after clipping to 0.1 (what the update uses); `grad_norm` is the norm before
+clipping. Relative error: |x − x_fp32| / |x_fp32|, over the whole gradient vector for the
+gradient. Seconds: a second step, after the first has warmed every kernel up. The device is
+the trainer's own: the GPU where there is one, else the CPU (whose bf16 matmuls are slow).
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+import yaml
+
+from benchmarks.models import ensure_models
+from benchmarks.suites import ModelSpec
+from srpo.config import load_train_config
+from srpo.io import git_commit, package_versions, write_json
+from srpo.train.data import derive_seed
+from srpo.train.loop import Trainer
+from srpo.train.parallel import DistributedContext
+from srpo.train.precision import POLICIES
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {
+    # The whole code path on the tiny models, for CI.
+    "smoke": (ModelSpec("tiny", real_width=False), 2),
+    # FLUX.1-dev's block widths (1 double + 1 single block), 64 px, a 4-step rollout.
+    "full": (ModelSpec("real-width", real_width=True, train_px=64, sample_px=64), 4),
+}
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _gradient(trainer: Trainer, into: list[torch.Tensor]):
+    """An optimizer pre-step hook that keeps the (clipped) gradient as one fp32 vector."""
+
+    def keep(optimizer, args, kwargs) -> None:
+        if into:
+            return
+        parts = []
+        for parameter in trainer.model.parameters():
+            grad = parameter.grad
+            if grad is not None:
+                grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+                parts.append(grad.detach().float().flatten().cpu())
+        into.append(torch.cat(parts))
+
+    return keep
+
+
+def measure(precision: str, config_path: Path, out: Path) -> dict:
+    """One policy: the first step's figures and the second step's seconds."""
+    config = load_train_config(config_path).model_copy(
+        update={"precision": precision, "output_dir": str(out / precision)}
+    )
+    with DistributedContext.from_environment() as ctx:
+        torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
+        trainer = Trainer(config, ctx)
+        gradient: list[torch.Tensor] = []
+        trainer.optimizer.register_step_pre_hook(_gradient(trainer, gradient))
+        first = trainer.train_step()
+        start = time.perf_counter()
+        trainer.train_step()
+        seconds = time.perf_counter() - start
+    return {
+        "loss": first["loss/denoise"] + first["loss/inversion"],
+        "reward": (first["reward/denoise"] + first["reward/inversion"]) / 2,
+        "grad_norm": first["grad_norm"],
+        "gradient": gradient[0],
+        "seconds": seconds,
+    }
+
+
+def relative(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
+    difference = torch.as_tensor(value) - torch.as_tensor(reference)
+    return float(difference.norm() / torch.as_tensor(reference).norm())
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"# Precision policies ({result['size']}: {result['model']}, {result['device']})",
+        "",
+        f"{result['date']} · commit {result['commit'][:10]} · torch {result['torch']}",
+        "",
+        "| policy | loss | rel. err | reward | rel. err | grad norm | rel. err | gradient rel. "
+        "err | step s | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    reference = result["policies"]["fp32"]["seconds"]
+    for name, row in result["policies"].items():
+        lines.append(
+            f"| {name} | {row['loss']:.6f} | {row['loss_rel_err']:.2e} | {row['reward']:.6f} | "
+            f"{row['reward_rel_err']:.2e} | {row['grad_norm']:.4g} | "
+            f"{row['grad_norm_rel_err']:.2e} | {row['gradient_rel_err']:.2e} | "
+            f"{row['seconds']:.2f} | {reference / row['seconds']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def main(
+    size: Annotated[str, typer.Option(help="smoke (tiny models) or full (real width).")] = "full",
+    out_dir: Annotated[
+        Path, typer.Option(help="Where precision-<size>-<cpu|gpu>.json and .md go.")
+    ] = REPO / "benchmarks" / "results",
+) -> None:
+    """Loss, reward and gradient of one step per precision policy vs fp32, and step seconds."""
+    if size not in SIZES:
+        raise typer.BadParameter(f"expected one of {sorted(SIZES)}", param_hint="--size")
+    spec, rollout_steps = SIZES[size]
+    models = ensure_models(spec, REPO / "results" / "bench" / "models")
+    work = REPO / "results" / "bench" / f"precision-{size}"
+    config = {
+        "base_model": str(models.flux),
+        "embeddings": str(models.embeddings),
+        "output_dir": str(work / "unused"),
+        "reward": {"kind": "hpsv2", "checkpoint": str(models.reward_checkpoint)},
+        "batch_size": 1,
+        "max_steps": 2,
+        "height": spec.train_px,
+        "width": spec.train_px,
+        "rollout_steps": rollout_steps,
+        "checkpoint_every": 100,
+    }
+    if models.reward_config is not None:
+        config["reward"]["model_config_path"] = str(models.reward_config)
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    figures = {}
+    for precision in POLICIES:
+        typer.echo(f"  {precision}")
+        figures[precision] = measure(precision, config_path, work)
+    reference = figures["fp32"]
+    policies = {
+        name: {
+            "loss": row["loss"],
+            "loss_rel_err": relative(row["loss"], reference["loss"]),
+            "reward": row["reward"],
+            "reward_rel_err": relative(row["reward"], reference["reward"]),
+            "grad_norm": row["grad_norm"],
+            "grad_norm_rel_err": relative(row["grad_norm"], reference["grad_norm"]),
+            "gradient_rel_err": relative(row["gradient"], reference["gradient"]),
+            "seconds": row["seconds"],
+        }
+        for name, row in figures.items()
+    }
+    result = {
+        "size": size,
+        "model": spec.name,
+        "device": device,
+        "rollout_steps": rollout_steps,
+        "train_px": spec.train_px,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "torch": package_versions().get("torch"),
+        "policies": policies,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    write_json(out_dir / f"precision-{size}-{kind}.json", result)
+    (out_dir / f"precision-{size}-{kind}.md").write_text(table(result))
+    typer.echo(table(result))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,31 @@
+"""The precision policies: which dtype each model computes in, and where autocast applies."""
+
+import torch
+
+from srpo.train.precision import POLICIES, under_autocast
+
+
+def test_policies_follow_the_recipes():
+    fsdp, autocast, fp32 = POLICIES["fsdp-bf16"], POLICIES["autocast-bf16"], POLICIES["fp32"]
+    # Ours: bf16 parameters through FSDP2 and a bf16 VAE, no autocast anywhere.
+    assert (fsdp.transformer_dtype, fsdp.vae_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert (fsdp.transformer_autocast, fsdp.vae_autocast, fsdp.reward_autocast) == (None,) * 3
+    # The authors': fp32 parameters, bf16 autocast for transformer and VAE, fp16 for the reward.
+    assert (autocast.transformer_dtype, autocast.vae_dtype) == (torch.float32, torch.float32)
+    assert (autocast.transformer_autocast, autocast.vae_autocast) == (torch.bfloat16,) * 2
+    assert autocast.reward_autocast == torch.float16
+    assert (fp32.transformer_dtype, fp32.vae_dtype, fp32.transformer_autocast) == (
+        torch.float32,
+        torch.float32,
+        None,
+    )
+
+
+def test_under_autocast_runs_the_call_in_that_dtype():
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    assert under_autocast(layer, torch.bfloat16, cpu)(x).dtype == torch.bfloat16
+    assert under_autocast(layer, torch.float16, cpu)(x).dtype == torch.float16
+    assert under_autocast(layer, None, cpu) is layer
+    assert layer(x).dtype == torch.float32  # nothing leaks out of the call
