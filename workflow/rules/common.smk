@@ -233,11 +233,9 @@ def metric_weights(metric):
     )
 
 
-def tiny_metric_parts():
-    """Scored metrics whose tiny model is built in their own environment (build_tiny_<m>)."""
-    if not config["tiny_models"]:
-        return []
-    return [metric for metric in SCORED if metric_env(metric) != "main"]
+def metric_env_parts():
+    """Metrics whose tiny model is built in their own environment (rule build_tiny_<m>)."""
+    return [metric for metric in config["metrics"] if metric_env(metric) != "main"]
 
 
 def metric_files(metric):
@@ -245,7 +243,7 @@ def metric_files(metric):
     weights = config["metrics"][metric]["weights"].values()
     if not any(w.startswith(f"{OUT}/models/") for w in weights):
         return []
-    if metric in tiny_metric_parts():
+    if metric in metric_env_parts():
         return [f"{OUT}/models/manifest-{metric}.json"]
     return model_files()
 

@@ -19,8 +19,9 @@ rule build_tiny_models:
 
 
 # The tiny models of metrics in environments of their own (hpsv3, imagereward): each built by
-# that environment's `srpo`, next to the others, with its own manifest.
-for _part in tiny_metric_parts():
+# that environment's `srpo`, next to the others, with its own manifest; a job only where a
+# scored metric's weights come from it.
+for _part in metric_env_parts():
 
     rule:
         name:
