@@ -139,10 +139,9 @@ class FrozenVAE:
 
     @torch.no_grad()
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+        self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images in [0, 1], [B, 3, H, W] → packed normalised latents (offline mode's x₀); a
-        list of B generators draws each image's posterior sample from its own."""
+        """Images in [0, 1], [B, 3, H, W] → packed normalised latents (offline mode's x₀)."""
         pixels = (images * 2 - 1).to(self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.sample(generator)
         return self.geometry.pack((latents.float() - self.shift) * self.scale)

@@ -183,19 +183,21 @@ class Trainer:
     ) -> torch.Tensor:
         """Clean latents the branches start from: rollout (online) or real images (offline).
 
-        Offline, each sample's VAE posterior draw has its own generator, seeded by (step,
-        sample) like its mid, so x₀ does not depend on how many processes share the batch."""
+        Offline, each sample is encoded on its own, its VAE posterior drawn from its own
+        generator seeded by (step, sample) like its mid: x₀ does not depend on how many
+        processes share the batch (a batched encode differs in the last bits)."""
         if self.config.mode == "offline":
-            images = torch.stack(
-                [load_image(self.images[n], self.config.height, self.config.width) for n in numbers]
-            ).to(self.ctx.device)
-            generators = [
-                torch.Generator(self.ctx.device).manual_seed(
-                    derive_seed(self.config.seed, "vae", self.step, sample)
+            size = (self.config.height, self.config.width)
+            x0 = [
+                self.vae.encode(
+                    load_image(self.images[number], *size)[None].to(self.ctx.device),
+                    torch.Generator(self.ctx.device).manual_seed(
+                        derive_seed(self.config.seed, "vae", self.step, sample)
+                    ),
                 )
-                for sample in samples
+                for sample, number in zip(samples, numbers, strict=True)
             ]
-            return self.vae.encode(images, generators)
+            return torch.cat(x0)
         velocity = make_velocity(
             self.model,
             self.geometry,
