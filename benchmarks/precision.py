@@ -3,6 +3,9 @@ the loss, reward and gradient of one step under each vs the fp32 reference, and 
 
     python -m benchmarks.precision [--size smoke|full] [--out-dir DIR]
 
+Each policy runs in its own process (`python -m benchmarks.precision_step`), so its peak memory
+is its own; the gradients meet in files.
+
 Every policy starts from the same weights and sees the same prompts, rollout noise and mids
 (same seed, step 1), so the differences are the policy's alone. The gradient is read before
 AdamW's step, after clipping to 0.1 (what the update uses); `grad_norm` is the norm before
@@ -14,7 +17,10 @@ the trainer's own: the GPU where there is one, else the CPU (whose bf16 matmuls 
 from __future__ import annotations
 
 import datetime
-import time
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -24,11 +30,7 @@ import yaml
 
 from benchmarks.models import ensure_models
 from benchmarks.suites import ModelSpec
-from srpo.config import load_train_config
 from srpo.io import git_commit, package_versions, write_json
-from srpo.train.data import derive_seed
-from srpo.train.loop import Trainer
-from srpo.train.parallel import DistributedContext
 from srpo.train.precision import POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,44 +43,16 @@ SIZES = {
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _gradient(trainer: Trainer, into: list[torch.Tensor]):
-    """An optimizer pre-step hook that keeps the (clipped) gradient as one fp32 vector."""
-
-    def keep(optimizer, args, kwargs) -> None:
-        if into:
-            return
-        parts = []
-        for parameter in trainer.model.parameters():
-            grad = parameter.grad
-            if grad is not None:
-                grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-                parts.append(grad.detach().float().flatten().cpu())
-        into.append(torch.cat(parts))
-
-    return keep
-
-
-def measure(precision: str, config_path: Path, out: Path) -> dict:
-    """One policy: the first step's figures and the second step's seconds."""
-    config = load_train_config(config_path).model_copy(
-        update={"precision": precision, "output_dir": str(out / precision)}
-    )
-    with DistributedContext.from_environment() as ctx:
-        torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
-        trainer = Trainer(config, ctx)
-        gradient: list[torch.Tensor] = []
-        trainer.optimizer.register_step_pre_hook(_gradient(trainer, gradient))
-        first = trainer.train_step()
-        start = time.perf_counter()
-        trainer.train_step()
-        seconds = time.perf_counter() - start
-    return {
-        "loss": first["loss/denoise"] + first["loss/inversion"],
-        "reward": (first["reward/denoise"] + first["reward/inversion"]) / 2,
-        "grad_norm": first["grad_norm"],
-        "gradient": gradient[0],
-        "seconds": seconds,
-    }
+def measure(precision: str, config: Path, work: Path) -> dict:
+    """One policy in its own process: the first step's figures, the second's seconds."""
+    out = work / precision
+    command = [sys.executable, "-m", "benchmarks.precision_step", precision, str(config), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        tail = (result.stdout + result.stderr)[-3000:]
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{tail}")
+    return json.loads((out / "figures.json").read_text())
 
 
 def relative(value: torch.Tensor | float, reference: torch.Tensor | float) -> float:
@@ -93,8 +67,8 @@ def table(result: dict) -> str:
         f"{result['date']} · commit {result['commit'][:10]} · torch {result['torch']}",
         "",
         "| policy | loss | rel. err | reward | rel. err | grad norm | rel. err | gradient rel. "
-        "err | step s | vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "err | step s | vs fp32 | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     reference = result["policies"]["fp32"]["seconds"]
     for name, row in result["policies"].items():
@@ -102,7 +76,7 @@ def table(result: dict) -> str:
             f"| {name} | {row['loss']:.6f} | {row['loss_rel_err']:.2e} | {row['reward']:.6f} | "
             f"{row['reward_rel_err']:.2e} | {row['grad_norm']:.4g} | "
             f"{row['grad_norm_rel_err']:.2e} | {row['gradient_rel_err']:.2e} | "
-            f"{row['seconds']:.2f} | {reference / row['seconds']:.2f}× |"
+            f"{row['seconds']:.2f} | {reference / row['seconds']:.2f}× | {row['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -143,19 +117,24 @@ def main(
         typer.echo(f"  {precision}")
         figures[precision] = measure(precision, config_path, work)
     reference = figures["fp32"]
-    policies = {
-        name: {
+    reference_gradient = torch.load(reference["gradient_file"])
+    policies = {}
+    for name, row in figures.items():
+        gradient = torch.load(row["gradient_file"])
+        policies[name] = {
             "loss": row["loss"],
             "loss_rel_err": relative(row["loss"], reference["loss"]),
             "reward": row["reward"],
             "reward_rel_err": relative(row["reward"], reference["reward"]),
             "grad_norm": row["grad_norm"],
             "grad_norm_rel_err": relative(row["grad_norm"], reference["grad_norm"]),
-            "gradient_rel_err": relative(row["gradient"], reference["gradient"]),
+            "gradient_rel_err": relative(gradient, reference_gradient),
             "seconds": row["seconds"],
+            "peak_rss_mb": row["peak_rss_mb"],
         }
-        for name, row in figures.items()
-    }
+        del gradient
+    for row in figures.values():
+        Path(row["gradient_file"]).unlink()
     result = {
         "size": size,
         "model": spec.name,
