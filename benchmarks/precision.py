@@ -19,17 +19,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-import yaml
 
 from benchmarks.models import ensure_models
-from benchmarks.suites import ModelSpec
+from benchmarks.run import _run, _train_config
+from benchmarks.suites import ModelSpec, Suite
 from srpo.io import git_commit, package_versions, write_json
 from srpo.train.precision import POLICIES
 
@@ -40,6 +39,7 @@ SIZES = {
     # FLUX.1-dev's block widths (1 double + 1 single block), 64 px, a 4-step rollout.
     "full": (ModelSpec("real-width", real_width=True, train_px=64, sample_px=64), 4),
 }
+"""Size → (model, rollout steps); batch 1, one process."""
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -47,11 +47,7 @@ def measure(precision: str, config: Path, work: Path) -> dict:
     """One policy in its own process: the first step's figures, the second's seconds."""
     out = work / precision
     command = [sys.executable, "-m", "benchmarks.precision_step", precision, str(config), str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    if result.returncode:
-        tail = (result.stdout + result.stderr)[-3000:]
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{tail}")
+    _run(command, os.cpu_count() or 1)
     return json.loads((out / "figures.json").read_text())
 
 
@@ -94,23 +90,9 @@ def main(
     spec, rollout_steps = SIZES[size]
     models = ensure_models(spec, REPO / "results" / "bench" / "models")
     work = REPO / "results" / "bench" / f"precision-{size}"
-    config = {
-        "base_model": str(models.flux),
-        "embeddings": str(models.embeddings),
-        "output_dir": str(work / "unused"),
-        "reward": {"kind": "hpsv2", "checkpoint": str(models.reward_checkpoint)},
-        "batch_size": 1,
-        "max_steps": 2,
-        "height": spec.train_px,
-        "width": spec.train_px,
-        "rollout_steps": rollout_steps,
-        "checkpoint_every": 100,
-    }
-    if models.reward_config is not None:
-        config["reward"]["model_config_path"] = str(models.reward_config)
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / "train.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    # The bench's own training config (fp32; each worker sets its policy and output folder).
+    suite = Suite("precision", size, "cpu", "float32", (spec,), rollout_steps=rollout_steps)
+    config_path = _train_config(models, spec, suite, 1, work)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     figures = {}
     for precision in POLICIES:
