@@ -84,14 +84,18 @@ def copy_workflow(folder: Path, *extra: str) -> Path:
     return folder
 
 
-def snakemake(folder: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` in `folder`, with this environment's bin/ (srpo, srpo-ENV) on PATH."""
+def venv_env(**extra: str) -> dict[str, str]:
+    """`run_env` with this environment's bin/ (snakemake, srpo, srpo-ENV) first on PATH."""
     bin_dir = str(Path(sys.executable).parent)
-    env = run_env(PATH=f"{bin_dir}:{run_env()['PATH']}")
+    return run_env(PATH=f"{bin_dir}:{run_env()['PATH']}", **extra)
+
+
+def snakemake(folder: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` in `folder`, run as the users' shell would find it (venv_env)."""
     return subprocess.run(
-        [os.path.join(bin_dir, "snakemake"), *args],
+        [str(Path(sys.executable).with_name("snakemake")), *args],
         cwd=folder,
-        env=env,
+        env=venv_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

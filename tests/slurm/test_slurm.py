@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import support
 import yaml
-from support import copy_workflow, run_env
+from support import copy_workflow, venv_env
 
 pytestmark = pytest.mark.slurm
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -42,14 +43,9 @@ def cluster():
         pytest.skip(message)
 
 
-def env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return run_env(PATH=f"{bin_dir}:{run_env()['PATH']}")
-
-
 def snakemake(folder: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, *OVERRIDE, *args], cwd=folder, env=env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    """`snakemake` with the users' slurm profile and the local cluster's override."""
+    return support.snakemake(folder, *OVERRIDE, *args, timeout=timeout)
 
 
 class JobWatcher(threading.Thread):
@@ -123,7 +119,7 @@ def wait_for_job(comment: str, process: subprocess.Popen, timeout: float = 600) 
 
 def test_scancel_fails_the_job_and_a_rerun_completes_the_rest(tmp_path):
     folder = copy_workflow(tmp_path, "slurm", "tests")
-    process = subprocess.Popen([SNAKEMAKE, *OVERRIDE], cwd=folder, env=env(), text=True,
+    process = subprocess.Popen([SNAKEMAKE, *OVERRIDE], cwd=folder, env=venv_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     job = wait_for_job("rule_train_srpo", process)
     time.sleep(3)
@@ -163,7 +159,7 @@ def test_paper_sbatch_arguments(tmp_path):
             [SNAKEMAKE, *OVERRIDE, "--configfile", "config/paper.yaml", "--verbose",
              "results/paper/train/model/diffusion_pytorch_model.safetensors",
              "results/paper/samples/base/manifests/shard-000-of-016.json"],
-            cwd=folder, env=env(), text=True, stdout=log, stderr=subprocess.STDOUT,
+            cwd=folder, env=venv_env(), text=True, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 300
         calls: list[str] = []
