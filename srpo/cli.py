@@ -1,11 +1,13 @@
 """The `srpo` command: one sub-command per pipeline stage, each a thin call into the package.
 
 User mistakes (a missing file, a bad config value) end as one line on stderr and exit status 2;
-a stop by SIGTERM / SIGUSR1 during training ends with status 75 after a checkpoint.
+a stop by SIGTERM / SIGUSR1 during training ends with status 75 after a checkpoint, a run stopped
+by its numerical guard (`max_bad_steps` NaN/Inf updates in a row) with status 3.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -129,7 +131,7 @@ def train_command(
 ) -> None:
     """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
     from srpo.config import load_train_config
-    from srpo.train.loop import EXIT_PREEMPTED, train
+    from srpo.train.loop import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
 
     overrides = {
         "max_steps": max_steps,
@@ -138,7 +140,12 @@ def train_command(
         "output_dir": str(output_dir) if output_dir else None,
         "embeddings": str(embeddings) if embeddings else None,
     }
-    result = train(load_train_config(config, overrides), resume, resume_from)
+    try:
+        result = train(load_train_config(config, overrides), resume, resume_from)
+    except TrainingDiverged as error:
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_DIVERGED)
     if result.stopped_by_signal is not None:
         typer.echo(
             f"stopped by signal {result.stopped_by_signal} after step {result.step}; "

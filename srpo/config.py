@@ -104,6 +104,12 @@ class TrainConfig(_Section):
     vae_tiling: bool = False
     vae_slicing: bool = False
     checkpoint_every: int = Field(10, ge=1, description="steps between DCP checkpoints")
+    max_bad_steps: int = Field(
+        3,
+        ge=1,
+        description="updates skipped in a row for a NaN/Inf loss or gradient before the run "
+        "stops (the last checkpoint, written before them, stays the newest)",
+    )
     keep_last: int = Field(3, ge=1, description="complete checkpoints kept on disk")
     export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     log_every: int = Field(1, ge=1)

@@ -7,7 +7,10 @@ is the mean over the B samples whatever W is (SPEC §3, "Batch 32 means 32 sampl
 
 from __future__ import annotations
 
+import math
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,26 @@ EXIT_PREEMPTED = 75
 """Exit status after a SIGTERM / SIGUSR1 stop: the step finished and a checkpoint was written;
 run the same command again to resume (EX_TEMPFAIL in sysexits.h)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_DIVERGED = 3
+"""Exit status after `max_bad_steps` updates in a row were skipped for a NaN/Inf."""
+FORCE_NONFINITE_ENV = "SRPO_FORCE_NONFINITE"
+"""Test hook: `STEP[@RANK],…` makes the loss NaN at those steps (on RANK only, if given), so
+the tests can drive the numerical guard through the real step."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many updates in a row had a NaN/Inf loss or gradient; nothing after them was saved."""
+
+
+def forced_nonfinite_steps(rank: int, spec: str | None = None) -> frozenset[int]:
+    """The steps at which FORCE_NONFINITE_ENV poisons this rank's loss."""
+    spec = os.environ.get(FORCE_NONFINITE_ENV, "") if spec is None else spec
+    steps = set()
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        step, _, only_rank = entry.partition("@")
+        if not only_rank or int(only_rank) == rank:
+            steps.add(int(step))
+    return frozenset(steps)
 
 
 class StopRequested:
@@ -131,6 +154,8 @@ class Trainer:
         self.rollout_sigmas = sigma_schedule(config.rollout_steps, self.settings.shift)
         self.timer = PhaseTimer(device)
         self.step = 0
+        self.bad_in_row = 0
+        self.poisoned_steps = forced_nonfinite_steps(ctx.rank)
         self._provenance: dict | None = None
 
     # ----------------------------------------------------------------- state
@@ -141,6 +166,7 @@ class Trainer:
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
             "world_size": self.ctx.world_size,
+            "bad_in_row": self.bad_in_row,
         }
 
     def resume(self, checkpoint: Path | None = None) -> Path | None:
@@ -156,6 +182,7 @@ class Trainer:
                     f"says {getattr(self.config, key)}; resume needs the same value"
                 )
         self.step = int(saved["step"])
+        self.bad_in_row = int(saved.get("bad_in_row", 0))
         return path
 
     def provenance(self) -> dict:
@@ -247,9 +274,12 @@ class Trainer:
                     prompts,
                     self.settings,
                 )
+                loss = output.loss
+                if self.step in self.poisoned_steps:
+                    loss = loss * float("nan")
                 with timer.phase("backward"):
-                    (output.loss / self.local_batch).backward()
-                stats.add(f"loss/{branch.name}", float(output.loss.detach()))
+                    (loss / self.local_batch).backward()
+                stats.add(f"loss/{branch.name}", float(loss.detach()))
                 stats.add(f"reward/{branch.name}", float(output.reward.detach().mean()))
         return stats
 
@@ -260,25 +290,54 @@ class Trainer:
         config, device, timer = self.config, self.ctx.device, self.timer
         first = self.ctx.rank * self.local_batch
         samples = range(first, first + self.local_batch)
-        numbers = batch_prompt_numbers(config.seed, self.step, config.batch_size, self.pool)
-        numbers = numbers[first : first + self.local_batch]
+        batch = batch_prompt_numbers(config.seed, self.step, config.batch_size, self.pool)
+        numbers = batch[first : first + self.local_batch]
         cond = self.cache.get(numbers).to(device, torch.float32)
         noise = step_noise(config.seed, self.step, self.geometry.token_shape(1)).to(device)
         step_wide = config.gather_params == "step"
         with kept_gathered(self.model, step_wide, through_backward=True):
             stats = self._branches(samples, numbers, cond, noise)
+        means = stats.reduce(config.batch_size, device)
         with timer.phase("optimizer"):
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), config.optim.max_grad_norm
             )
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
+            means["grad_norm"] = float(grad_norm)
+            finite = all(math.isfinite(value) for value in means.values())
+            if finite:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        means = stats.reduce(config.batch_size, device)
-        means["grad_norm"] = float(grad_norm)
+        means["skipped"] = 0.0 if finite else 1.0
+        self._guard(finite, batch, means)
         means.update({f"time/{name}_s": seconds for name, seconds in timer.take().items()})
         return means
+
+    def _guard(self, finite: bool, batch: list[int], means: dict[str, float]) -> None:
+        """After a NaN/Inf (the same verdict on every rank: `means` and the clipped norm are
+        all-reduced), log the step and its prompts; stop after `max_bad_steps` in a row."""
+        if finite:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        limit = self.config.max_bad_steps
+        if self.ctx.is_main:
+            values = ", ".join(f"{name}={value:.4g}" for name, value in sorted(means.items()))
+            print(
+                f"step {self.step}: non-finite loss or gradient ({values}); update skipped, "
+                f"{self.bad_in_row} of max_bad_steps={limit} in a row; prompt numbers {batch}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if self.bad_in_row >= limit:
+            latest = self.checkpointer.latest()
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint exists"
+            raise TrainingDiverged(
+                f"training: steps {self.step - limit + 1}-{self.step} all had a non-finite loss "
+                f"or gradient (max_bad_steps={limit}); stopped without saving, {kept}; lower "
+                "optim.learning_rate or use precision: fp32, then resume"
+            )
 
 
 # ---------------------------------------------------------------------- entry

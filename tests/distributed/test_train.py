@@ -176,3 +176,52 @@ def test_sigusr1_stops_a_single_process_run_with_status_75(write_config, tmp_pat
     assert f"stopped by signal {int(signal.SIGUSR1)}" in err
     stopped_at = int(checkpoints(tmp_path / "usr1").latest().name.split("-")[1])
     assert stopped_at < 50
+
+
+def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The transformer and AdamW state of a DCP checkpoint, flattened, read in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    saved = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, saved)
+    state = torch.load(saved, weights_only=False)["app"]
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    for name, values in state["optim"]["state"].items():
+        flat.update({f"optim.{name}.{k}": v for k, v in values.items()})
+    return flat
+
+
+def test_nonfinite_step_is_skipped_on_both_ranks(write_config, tmp_path):
+    """A NaN on rank 1 alone at step 2: both ranks skip that update, so the step-2 checkpoint
+    holds exactly the step-1 weights and AdamW state; step 3 trains on."""
+    config = write_config("nan", max_steps=3, checkpoint_every=1, keep_last=3)
+    result = run_srpo(config, 2, SRPO_FORCE_NONFINITE="2@1")
+    assert_ok(result)
+    assert "step 2: non-finite loss or gradient" in result.stderr
+    assert "update skipped, 1 of max_bad_steps=3 in a row" in result.stderr
+    root = tmp_path / "nan" / "checkpoints"
+    one, two, three = (model_tensors(root / f"step-{step:08d}") for step in (1, 2, 3))
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[key], two[key]) for key in one)
+    assert any(not torch.equal(two[key], three[key]) for key in two), "step 3 did not train"
+
+
+def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
+    """max_bad_steps NaN updates in a row: exit 3 with one clear line; the checkpoint written
+    before them stays the newest and complete, and resumes."""
+    config = write_config("diverged", max_steps=5, checkpoint_every=1, max_bad_steps=2)
+    result = run_srpo(config, 2, SRPO_FORCE_NONFINITE="2,3")
+    root = tmp_path / "diverged" / "checkpoints"
+    assert result.returncode != 0
+    assert (
+        "error: training: steps 2-3 all had a non-finite loss or gradient (max_bad_steps=2); "
+        f"stopped without saving, the last good checkpoint is {root / 'step-00000002'}"
+    ) in result.stderr, result.stderr[-3000:]
+    assert [path.name for path in checkpoints(tmp_path / "diverged").complete()] == [
+        "step-00000001",
+        "step-00000002",
+    ]
+    assert not (tmp_path / "diverged" / "model").exists()
+    resumed = run_srpo(config, 2)
+    assert_ok(resumed)
+    assert "at step 2" in resumed.stdout
