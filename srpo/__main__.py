@@ -1,5 +1,5 @@
 """`python -m srpo …` and `torchrun -m srpo …` run the same CLI as the `srpo` command."""
 
-from srpo.cli import app
+from srpo.cli import main
 
-app(prog_name="srpo")
+main()

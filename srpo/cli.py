@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click import exceptions as click  # typer 0.29 vendors click (pinned in the locks)
 
 from srpo import __version__
 from srpo.io import InputError
@@ -53,6 +54,68 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+VerifyOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--verify",
+        help="PATH=SHA256, repeatable: check the file's sha256 before any compute (the "
+        "workflow passes its config's `weights:` entries); hashes of files of 64 MB and more "
+        "are cached by path, size and mtime.",
+    ),
+]
+
+
+def _check_inputs(verify: list[str] | None, pretrained: dict[str, str | None]) -> None:
+    """Before any compute: the --verify hashes, and each folder / hub id (named by its option
+    or key) reachable, so a bad download is one line and not a failure minutes in."""
+    from srpo.verify import parse_expected, require_pretrained, verify_files
+
+    verify_files(parse_expected(verify))
+    for what, reference in pretrained.items():
+        if reference:
+            require_pretrained(reference, what)
+
+
+def _usage_line(error: click.ClickException) -> str:
+    """Typer's usage errors (a boxed panel otherwise) in the one-line form of every other
+    error: `<option>: <what was expected>`."""
+    command = error.ctx.command_path if getattr(error, "ctx", None) else "srpo"
+    see = f"see `{command} --help`"
+    if isinstance(error, click.BadParameter):
+        param = error.param
+        hint = "/".join(param.opts) if param is not None else str(error.param_hint or command)
+        if isinstance(error, click.MissingParameter):
+            return f"{hint}: required, {see}"
+        return f"{hint}: {error.message.removeprefix('Value error, ').rstrip('.')}"
+    if isinstance(error, click.NoSuchOption):
+        guess = (
+            f", did you mean {' or '.join(sorted(error.possibilities))}?"
+            if error.possibilities
+            else ""
+        )
+        return f"{error.option_name}: no such option of `{command}`{guess} ({see})"
+    if isinstance(error, click.BadOptionUsage):
+        wanted = "a value after it" if "requires" in error.message else "no value"
+        return f"{error.option_name}: expected {wanted} ({see})"
+    return f"{command}: {error.format_message()} ({see})"
+
+
+def main() -> None:
+    """The `srpo` command: the app, with usage errors as one line and exit status 2."""
+    try:
+        status = app(prog_name="srpo", standalone_mode=False)
+    except click.NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        typer.echo(f"error: {_usage_line(error)}", err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"srpo {__version__}")
@@ -60,7 +123,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def srpo(
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
@@ -101,8 +164,10 @@ def encode_command(
     max_sequence_length: Annotated[int, typer.Option(help="T5 tokens per prompt.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder call.")] = 8,
     dtype: Annotated[DType, typer.Option(help="Stored dtype.")] = DType.float32,
+    verify: VerifyOption = None,
 ) -> None:
     """Pre-compute FLUX text conditioning; under torchrun each rank encodes one shard."""
+    _check_inputs(verify, {"--base-model": base_model})
     from srpo.encode import encode_prompts
 
     index = encode_prompts(
@@ -128,6 +193,7 @@ def train_command(
     resume_from: Annotated[
         Path | None, typer.Option(help="Resume from this checkpoint folder instead.")
     ] = None,
+    verify: VerifyOption = None,
 ) -> None:
     """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
     from srpo.config import load_train_config
@@ -140,8 +206,17 @@ def train_command(
         "output_dir": str(output_dir) if output_dir else None,
         "embeddings": str(embeddings) if embeddings else None,
     }
+    settings = load_train_config(config, overrides)
+    _check_inputs(
+        verify,
+        {
+            f"{config}: base_model": settings.base_model,
+            f"{config}: reward.model_path": settings.reward.model_path,
+            f"{config}: reward.processor_path": settings.reward.processor_path,
+        },
+    )
     try:
-        result = train(load_train_config(config, overrides), resume, resume_from)
+        result = train(settings, resume, resume_from)
     except TrainingDiverged as error:
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"error: {error}", err=True)
@@ -166,6 +241,7 @@ def export_command(
     dtype: Annotated[DType, typer.Option(help="Dtype of the exported weights.")] = DType.bfloat16,
 ) -> None:
     """Write a checkpoint as a diffusers transformer folder + one safetensors state dict."""
+    _check_inputs(None, {"--base-model": base_model})
     from srpo.train.checkpoint import export_checkpoint
 
     typer.echo(f"wrote {export_checkpoint(checkpoint, base_model, out_dir, dtype.torch)}")
@@ -197,12 +273,16 @@ def score_command(
     batch_size: Annotated[int, typer.Option(help="Images per metric call.")] = 8,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: auto).")] = None,
     dtype: Annotated[DType, typer.Option(help="Dtype of the metric model.")] = DType.float32,
+    verify: VerifyOption = None,
 ) -> None:
     """Score the sampled images of one or more models with one metric: a row per image."""
-    from srpo.score import score_folders
-
     folders = {label: Path(folder) for label, folder in _pairs(samples, "--samples").items()}
     weights = _pairs(weight, "--weight")
+    from srpo.verify import HUB_KEYS
+
+    _check_inputs(verify, {f"--weight {key}": weights.get(key) for key in HUB_KEYS})
+    from srpo.score import score_folders
+
     score_folders(folders, metric, out, weights, batch_size, device, dtype.torch)
 
 
@@ -281,9 +361,11 @@ def sample_command(
     shard: Annotated[
         str, typer.Option(help="i/n: sample batches i, i+n, … of the prompt list.")
     ] = "0/1",
+    verify: VerifyOption = None,
 ) -> None:
     """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard
     or to replace its images after the settings or the model changed."""
+    _check_inputs(verify, {"--base-model": base_model})
     from srpo.sample import SampleSettings, parse_shard, sample_images
 
     settings = SampleSettings(
@@ -334,15 +416,80 @@ def prepare_prompts_command(
         int | None, typer.Option(help="Keep at most this many benchmark prompts per style.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the subsampling.")] = 42,
+    train_file: Annotated[
+        Path | None,
+        typer.Option(help="Training prompts, one per line, instead of the source's train.json."),
+    ] = None,
+    cjk: Annotated[
+        str, typer.Option(help="keep or drop prompts with Han, Hiragana, Katakana or Hangul.")
+    ] = "keep",
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="FLUX folder or hub id whose T5 tokenizer (tokenizer_2/) counts the prompts "
+            "over --max-sequence-length; without it they are not counted."
+        ),
+    ] = None,
+    max_sequence_length: Annotated[
+        int, typer.Option(help="T5 tokens the encoder keeps (longer prompts are truncated).")
+    ] = 512,
 ) -> None:
-    """HPD prompts: deduplicated training prompts and the HPDv2 benchmark prompts by style."""
-    from srpo.hpd import prepare_prompts
+    """HPD prompts: cleaned, deduplicated training prompts and the HPDv2 benchmark prompts by
+    style; what cleaning did is counted in manifest.json and summarised here."""
+    from srpo.hpd import prepare_prompts, summary
 
-    manifest = prepare_prompts(out_dir, source, path, train_limit, eval_per_style, seed)
+    manifest = prepare_prompts(
+        out_dir,
+        source,
+        path,
+        train_limit,
+        eval_per_style,
+        seed,
+        train_file=train_file,
+        cjk=cjk,
+        base_model=base_model,
+        max_sequence_length=max_sequence_length,
+    )
+    for split, report in manifest["cleaning"].items():
+        typer.echo(summary(split, report, max_sequence_length))
     counts = manifest["counts"]
     typer.echo(
         f"wrote {counts['train']} training and {counts['eval']} evaluation prompts to {out_dir}"
     )
+
+
+@app.command("doctor")
+@_one_line_errors
+def doctor_command(
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Workflow config file(s) as given to snakemake --configfile, repeatable "
+            "(default: config/config.yaml); read with config/containers.yaml, from the "
+            "workflow's folder."
+        ),
+    ] = None,
+) -> None:
+    """Check a workflow config before running it: weights present and their sha256 verified,
+    prompts readable, environments or images there, GPUs visible, disk enough for the outputs
+    (estimated). Prints a table; exit status 2 if any check failed."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from srpo.doctor import diagnose
+
+    doctor = diagnose(config or [])
+    table = Table("area", "subject", "status", "detail", title="srpo doctor")
+    colours = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    for row in doctor.rows:
+        table.add_row(row.area, row.subject, f"[{colours[row.status]}]{row.status}", row.detail)
+    Console(width=160).print(table)
+    failed = [row for row in doctor.rows if row.status == "fail"]
+    for row in failed:
+        typer.echo(f"fail: {row.area}: {row.subject}: {row.detail}", err=True)
+    typer.echo(f"{len(doctor.rows)} checks, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(2)
 
 
 class Suite(StrEnum):

@@ -104,6 +104,13 @@ class TrainConfig(_Section):
     vae_tiling: bool = False
     vae_slicing: bool = False
     checkpoint_every: int = Field(10, ge=1, description="steps between DCP checkpoints")
+    stop_grace_s: float = Field(
+        25.0,
+        gt=0,
+        description="seconds between a stop signal and the launcher's SIGKILL (torchrun "
+        "--shutdown-timeout, 30 by default, less a margin): the step in flight finishes, then "
+        "a checkpoint is written only if the run's last save took no longer than what is left",
+    )
     max_bad_steps: int = Field(
         3,
         ge=1,

@@ -47,8 +47,8 @@ from srpo.train.precision import POLICIES, under_autocast
 from srpo.train.timing import PhaseTimer
 
 EXIT_PREEMPTED = 75
-"""Exit status after a SIGTERM / SIGUSR1 stop: the step finished and a checkpoint was written;
-run the same command again to resume (EX_TEMPFAIL in sysexits.h)."""
+"""Exit status after a SIGTERM / SIGUSR1 stop: the step finished and a checkpoint was written
+if it fitted in `stop_grace_s`; run the same command again to resume (EX_TEMPFAIL)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_DIVERGED = 3
 """Exit status after `max_bad_steps` updates in a row were skipped for a NaN/Inf."""
@@ -77,11 +77,20 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.received_at: float | None = None
         for number in STOP_SIGNALS:
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         self.signal = number
+        if self.received_at is None:
+            self.received_at = time.monotonic()
+
+    def seconds_left(self, grace: float) -> float:
+        """Of the `grace` seconds the launcher waits after the signal before SIGKILL."""
+        if self.received_at is None:
+            return grace
+        return grace - (time.monotonic() - self.received_at)
 
 
 @dataclass
@@ -155,6 +164,7 @@ class Trainer:
         self.timer = PhaseTimer(device)
         self.step = 0
         self.bad_in_row = 0
+        self.last_save_s: float | None = None
         self.poisoned_steps = forced_nonfinite_steps(ctx.rank)
         self._provenance: dict | None = None
 
@@ -200,9 +210,19 @@ class Trainer:
         return self._provenance
 
     def save(self) -> Path:
-        return self.checkpointer.save(
+        started = time.monotonic()
+        path = self.checkpointer.save(
             self.step, self.state, self.train_state(), self.provenance() if self.ctx.is_main else {}
         )
+        self.last_save_s = time.monotonic() - started
+        return path
+
+    def stop_save_fits(self, seconds_left: float) -> bool:
+        """Whether a checkpoint written now would end before the launcher's SIGKILL, judged by
+        the last save of this run (unknown before the first: then it is tried; a save cut
+        short leaves the previous checkpoint the newest). The same verdict on every rank."""
+        fits = self.last_save_s is None or self.last_save_s <= seconds_left
+        return not self.ctx.any(not fits)
 
     # ------------------------------------------------------------------ step
     def _x0(
@@ -386,7 +406,6 @@ def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = N
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(trainer.output_dir / "tensorboard"))
-        last_saved = trainer.step if resumed is not None else None
         progress, task = _progress(ctx.is_main, config.max_steps, trainer.step)
         stopped: int | None = None
         with progress:
@@ -409,20 +428,26 @@ def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = N
                     line = f"step {trainer.step}/{config.max_steps} {summary} {elapsed:.2f}s"
                     print(line, flush=True)
                 stop_now = ctx.any(stop.signal is not None)
-                if (
-                    stop_now
-                    or trainer.step % config.checkpoint_every == 0
-                    or trainer.step == config.max_steps
+                periodic = (
+                    trainer.step % config.checkpoint_every == 0 or trainer.step == config.max_steps
+                )
+                if periodic or (
+                    stop_now and trainer.stop_save_fits(stop.seconds_left(config.stop_grace_s))
                 ):
                     trainer.save()
-                    last_saved = trainer.step
+                elif stop_now and ctx.is_main:
+                    print(
+                        f"no checkpoint of step {trainer.step}: the last save took "
+                        f"{trainer.last_save_s:.0f} s, more than is left of stop_grace_s="
+                        f"{config.stop_grace_s:g}; resume from {trainer.checkpointer.latest()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if stop_now:
                     stopped = stop.signal or signal.SIGTERM
                     break
         if writer is not None:
             writer.close()
-        if last_saved != trainer.step and trainer.step > 0:
-            trainer.save()
         checkpoint = trainer.checkpointer.latest()
         ctx.barrier()
     export = None

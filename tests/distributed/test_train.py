@@ -225,3 +225,71 @@ def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     resumed = run_srpo(config, 2)
     assert_ok(resumed)
     assert "at step 2" in resumed.stdout
+
+
+def torchrun_with_shutdown_timeout(config: Path, seconds: int, **env: str) -> subprocess.Popen:
+    """`torchrun --shutdown-timeout S …`: on SIGTERM torchrun forwards it to the workers and
+    SIGKILLs them S seconds later, as after a Slurm time limit."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--shutdown-timeout", str(seconds), "--nproc-per-node", "2"]
+    command += ["--standalone", "-m", "srpo", "train", "--config", str(config)]
+    return subprocess.Popen(
+        command,
+        env=run_env(**env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def terminate_once_resumed(process: subprocess.Popen) -> str:
+    """SIGTERM to torchrun as soon as rank 0 reports its resume; then wait for the end."""
+    for line in process.stdout:
+        if line.startswith("resumed from"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    return err
+
+
+def test_stop_save_slower_than_the_launcher_window_keeps_a_resumable_checkpoint(
+    write_config, tmp_path
+):
+    """The stop's save takes 20 s, torchrun SIGKILLs 3 s after the SIGTERM: the cut save never
+    becomes a checkpoint, the step-1 one stays the newest, and resuming from it gives the same
+    bits as a run never stopped."""
+    steps = 4
+    assert_ok(run_srpo(write_config("reference", max_steps=steps), 2))
+    assert_ok(run_srpo(write_config("cut", max_steps=1), 2))
+    config = write_config("cut", max_steps=steps)
+    process = torchrun_with_shutdown_timeout(config, 3, **{PAUSE_ENV: "20"})
+    err = terminate_once_resumed(process)
+    root = tmp_path / "cut" / "checkpoints"
+    assert process.returncode != 0
+    assert checkpoints(tmp_path / "cut").latest() == root / "step-00000001", err[-3000:]
+    assert list(root.glob(".step-*.partial")), "the stop's save never started"
+
+    resumed = run_srpo(config, 2)
+    assert_ok(resumed)
+    assert "at step 1" in resumed.stdout
+    want, got = exported(tmp_path / "reference"), exported(tmp_path / "cut")
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+def test_stop_skips_a_save_that_cannot_fit(write_config, tmp_path):
+    """A run whose saves take 6 s, stopped with stop_grace_s=2: no save is started that the
+    launcher would cut; exit 75 at once, naming the checkpoint to resume from."""
+    assert_ok(run_srpo(write_config("slow", max_steps=1), 2, **{PAUSE_ENV: "6"}))
+    config = write_config("slow", max_steps=6, stop_grace_s=2, checkpoint_every=2)
+    process = torchrun_with_shutdown_timeout(config, 30, **{PAUSE_ENV: "6"})
+    saving = tmp_path / "slow" / "checkpoints" / ".step-00000002.partial" / "train_state.json"
+    wait_for(saving.is_file, process)  # step 2's periodic save: 6 s, measured
+    process.send_signal(signal.SIGTERM)  # arrives in that save; step 3 is not periodic
+    _, err = process.communicate(timeout=300)
+    latest = checkpoints(tmp_path / "slow").latest()
+    assert "stopped by signal 15" in err, err[-3000:]
+    assert "the last save took 6 s, more than is left of stop_grace_s=2" in err
+    assert latest.name == "step-00000002"
+    assert f"resume from {latest}" in err
+    assert not list((tmp_path / "slow" / "checkpoints").glob(".step-*.partial"))

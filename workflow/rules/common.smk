@@ -1,6 +1,7 @@
 """Config validation and every piece of Python the rules use; rules hold no logic."""
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -157,28 +158,74 @@ def list_containers():
     logger.info("Container images (step, environment, image):\n" + "\n".join(lines))
 
 
+WEIGHTS = config.get("weights") or {}
+
+
+def verify_options(*paths):
+    """`--verify PATH=SHA256` for every `weights:` entry with a hash that is one of `paths` or
+    lies under one of them (a model folder): the rule's command checks them before computing.
+    """
+    roots = [str(path).rstrip("/") for path in paths if path]
+    chosen = sorted(
+        (entry["path"], entry["sha256"])
+        for entry in WEIGHTS.values()
+        if entry.get("sha256")
+        and any(
+            entry["path"] == root or entry["path"].startswith(f"{root}/")
+            for root in roots
+        )
+    )
+    return " ".join(shlex.quote(f"--verify={path}={digest}") for path, digest in chosen)
+
+
+def train_settings():
+    """The training config's keys (empty if it cannot be read: `srpo train` then says why)."""
+    try:
+        with open(config["train"]["config"]) as handle:
+            settings = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def train_reward_paths():
+    """The reward weights the training config names (its `reward:` paths)."""
+    reward = train_settings().get("reward") or {}
+    return [value for value in reward.values() if isinstance(value, str)]
+
+
 def resources(rule_name, key, fallback=None):
     table = config["resources"]
     return {**table["default"], **table.get(rule_name, {})}.get(key, fallback)
 
 
-def launcher(procs):
+def launcher(procs, *options):
     """`srpo` for one process, `torchrun … -m srpo` for several (one node)."""
     if procs <= 1:
         return "srpo"
-    return f"torchrun --standalone --nproc-per-node {procs} -m srpo"
+    return " ".join(
+        ["torchrun", *options, "--standalone", f"--nproc-per-node {procs}", "-m srpo"]
+    )
+
+
+STOP_MARGIN_S = 5
+"""Seconds torchrun waits beyond the trainer's stop_grace_s before it SIGKILLs the workers."""
 
 
 def train_launcher():
     """torchrun inside the training job: one node (standalone) or, when the config asks for
-    several, one torchrun per node started by srun, meeting at the job's first node."""
+    several, one torchrun per node started by srun, meeting at the job's first node. On a stop
+    signal torchrun forwards it and waits stop_grace_s (+ a margin) for the checkpoint.
+    """
     procs = config["train"].get("nproc_per_node", 1)
     nodes = config["train"].get("nodes", 1)
+    grace = float(train_settings().get("stop_grace_s", 25))
+    wait = f"--shutdown-timeout {math.ceil(grace) + STOP_MARGIN_S}"
     if nodes == 1:
-        return launcher(procs)
+        return launcher(procs, wait)
     first_node = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     return (
-        f"srun --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {procs}"
+        f"srun --ntasks-per-node 1 torchrun {wait} --nnodes {nodes} --nproc-per-node {procs}"
         f" --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d --rdzv-endpoint {first_node}:29500"
         " -m srpo"
     )
@@ -224,6 +271,10 @@ def srpo_of(env):
 
 def metric_command(metric):
     return config["metrics"][metric].get("command") or srpo_of(metric_env(metric))
+
+
+def metric_verify(metric):
+    return verify_options(*config["metrics"][metric]["weights"].values())
 
 
 def metric_weights(metric):

@@ -1,4 +1,7 @@
 rule prepare_prompts:
+    input:
+        models=model_files(),
+        train_file=config["prompts"].get("train_file") or [],
     output:
         train=f"{OUT}/prompts/train.txt",
         eval=f"{OUT}/prompts/eval.csv",
@@ -22,15 +25,22 @@ rule prepare_prompts:
             if config["prompts"].get("path")
             else ""
         ),
+        train_file=lambda wildcards, input: (
+            f"--train-file {input.train_file}" if input.train_file else ""
+        ),
         limits=" ".join(
             f"--{key.replace('_', '-')} {config['prompts'][key]}"
             for key in ("train_limit", "eval_per_style")
             if config["prompts"].get(key)
         ),
         seed=config["prompts"].get("seed", 42),
+        cjk=config["prompts"].get("cjk", "keep"),
+        base=base_model(),
+        length=config["encode"]["max_sequence_length"],
     shell:
         "srpo prepare-prompts --out-dir {params.folder} --source {params.source} {params.path}"
-        " {params.limits} --seed {params.seed} > {log} 2>&1"
+        " {params.train_file} {params.limits} --seed {params.seed} --cjk {params.cjk}"
+        " --base-model {params.base} --max-sequence-length {params.length} > {log} 2>&1"
 
 
 rule encode_prompts:
@@ -52,6 +62,7 @@ rule encode_prompts:
         gpu=resources("encode_prompts", "gpu"),
     params:
         base=base_model(),
+        verify=verify_options(base_model()),
         launch=launcher(resources("encode_prompts", "gpu")),
         folder=lambda wildcards, output: os.path.dirname(output.index),
         length=config["encode"]["max_sequence_length"],
@@ -60,4 +71,4 @@ rule encode_prompts:
     shell:
         "{params.launch} encode --base-model {params.base} --prompts {input.prompts}"
         " --out-dir {params.folder} --max-sequence-length {params.length}"
-        " --batch-size {params.batch} --dtype {params.dtype} > {log} 2>&1"
+        " --batch-size {params.batch} --dtype {params.dtype} {params.verify} > {log} 2>&1"

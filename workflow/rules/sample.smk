@@ -18,6 +18,7 @@ rule sample_eval:
         gpu=resources("sample_eval", "gpu"),
     params:
         base=base_model(),
+        verify=verify_options(base_model()),
         folder=lambda wildcards, output: os.path.dirname(
             os.path.dirname(output.manifest)
         ),
@@ -30,7 +31,8 @@ rule sample_eval:
         ),
     shell:
         "srpo sample --base-model {params.base} {params.transformer} --prompts {input.prompts}"
-        " --out-dir {params.folder} --shard {params.shard} {params.settings} > {log} 2>&1"
+        " --out-dir {params.folder} --shard {params.shard} {params.settings} {params.verify}"
+        " > {log} 2>&1"
 
 
 rule gather_samples:

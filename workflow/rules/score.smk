@@ -25,7 +25,8 @@ for _metric in SCORED:
             metric=_metric,
             samples=samples_option(),
             weights=metric_weights(_metric),
+            verify=metric_verify(_metric),
             batch=config["metrics"][_metric].get("batch_size", 8),
         shell:
             "{params.srpo} score --metric {params.metric} {params.samples} {params.weights}"
-            " --batch-size {params.batch} --out {output.scores} > {log} 2>&1"
+            " {params.verify} --batch-size {params.batch} --out {output.scores} > {log} 2>&1"

@@ -22,7 +22,9 @@ rule train_srpo:
     params:
         launch=train_launcher(),
         base=base_model(),
+        verify=verify_options(base_model(), *train_reward_paths()),
         folder=lambda wildcards, output: os.path.dirname(os.path.dirname(output.model)),
     shell:
         "{params.launch} train --config {input.config} --base-model {params.base}"
-        " --embeddings {input.embeddings} --output-dir {params.folder} > {log} 2>&1"
+        " --embeddings {input.embeddings} --output-dir {params.folder} {params.verify}"
+        " > {log} 2>&1"
