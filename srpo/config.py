@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from srpo.algorithm import SRPOSettings
 from srpo.io import InputError
@@ -32,6 +39,12 @@ class RewardConfig(_Section):
     processor_path: str | None = Field(
         None, description="pickscore: CLIP processor folder or hub id (default: model_path)"
     )
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> RewardConfig:
+        """The weights a kind needs, checked with the rest of the config, before any compute."""
+        self.load_arguments()
+        return self
 
     def load_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `srpo.rewards.load_reward` for this kind."""
@@ -67,7 +80,7 @@ class TrainConfig(_Section):
     base_model: str = Field(description="diffusers FLUX folder or hub id (FLUX.1-dev)")
     embeddings: str = Field(description="index.json of the `srpo encode` text-embedding cache")
     output_dir: str = Field(description="checkpoints, TensorBoard logs and the exported model")
-    reward: RewardConfig = RewardConfig()
+    reward: RewardConfig = Field(description="the reward model and its weights")
     srpo: dict[str, Any] = Field(
         default_factory=dict, description="SRPOSettings fields; missing ones take paper values"
     )
@@ -146,6 +159,8 @@ def _format_error(source: str, error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
+    if message.startswith(f"{key}."):  # a section's own check names its key already
+        return f"{source}: {message}"
     return f"{source}: {key}: {message}"
 
 

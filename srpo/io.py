@@ -7,11 +7,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -52,6 +53,32 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+STAGING = re.compile(r"\.(?P<name>.+)\.[^.]+\.tmp")
+"""What `atomic_path` stages a target NAME in: a hidden `.NAME.<random>.tmp` folder beside it."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line, so an error stays one line on the CLI."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def clear_staging(targets: Iterable[Path]) -> None:
+    """Remove the staging folders a killed run's `atomic_path` left beside `targets`.
+
+    Only a job's own outputs are named, so the staging of a job running beside it (another
+    shard writing into the same images/) is never touched; each folder is listed once.
+    """
+    names: dict[Path, set[str]] = {}
+    for target in map(Path, targets):
+        names.setdefault(target.parent, set()).add(target.name)
+    for folder, owned in names.items():
+        for leftover in folder.glob(".*.tmp") if folder.is_dir() else []:
+            match = STAGING.fullmatch(leftover.name)
+            if match is not None and match["name"] in owned:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -139,14 +166,22 @@ def package_versions(names: tuple[str, ...] = PROVENANCE_PACKAGES) -> dict[str, 
 
 
 def provenance(config: Any, weights: dict[str, Path] | None = None) -> dict[str, Any]:
-    """What made a result: config, code commit, package versions, host, time, weight hashes."""
+    """What made a result: config, code commit, package versions, host, time, weight hashes.
+
+    `created` is SOURCE_DATE_EPOCH when set (the reproducible-builds convention), so a re-run
+    after a kill can write the same bytes as an uninterrupted run.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if epoch and not (epoch.isascii() and epoch.isdigit()):
+        raise InputError(f"SOURCE_DATE_EPOCH: expected whole seconds since 1970, got {epoch!r}")
+    created = datetime.fromtimestamp(int(epoch), UTC) if epoch else datetime.now(UTC)
     return {
         "config": config,
         "git_commit": git_commit(),
         "packages": package_versions(),
         "host": socket.gethostname(),
         "environment": {name: os.environ.get(name) for name in PROVENANCE_ENVIRONMENT},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": created.isoformat(timespec="seconds"),
         "weights": {name: file_hashes(path) for name, path in (weights or {}).items()},
     }
 

@@ -2,7 +2,9 @@
 
 Every number in a table comes from `summarise`, a long table with one row per
 (metric, model, style): n, mean, std, 95% confidence interval (Student t) and the change vs the
-baseline model. The Markdown report embeds the PNG figures by relative path.
+baseline model. The Markdown report embeds the PNG figures by relative path. Each file is
+written atomically and a re-run first removes what a killed run left, so a report killed anywhere
+and run again is byte-identical to an uninterrupted one (with SOURCE_DATE_EPOCH set for `created`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-from srpo.io import InputError, atomic_path, provenance, write_json
+from srpo.io import InputError, atomic_path, clear_staging, one_line, provenance, write_json
 from srpo.score import SCORE_COLUMNS
 
 matplotlib.use("Agg")
@@ -33,6 +35,18 @@ METRIC_TITLES = {
     "pickscore": "PickScore",
     "imagereward": "ImageReward",
 }
+REPORT_FILES = (
+    "report.md",
+    "provenance.json",
+    "tables/summary.csv",
+    "tables/overall.md",
+    "tables/tables.tex",
+    "tables/tables.html",
+    "figures/score_distributions.png",
+    "figures/image_grid.png",
+    "figures/training_curves.png",
+)
+"""Everything `write_report` may write, relative to its out_dir."""
 
 
 def read_scores(paths: Sequence[Path]) -> pd.DataFrame:
@@ -45,7 +59,9 @@ def read_scores(paths: Sequence[Path]) -> pd.DataFrame:
         try:
             frame = pd.read_parquet(path)
         except Exception as error:  # pyarrow raises several unrelated types
-            raise InputError(f"{path}: unreadable score file ({error})") from None
+            raise InputError(
+                f"{path}: unreadable score file, expected `srpo score` parquet ({one_line(error)})"
+            ) from None
         missing = [column for column in SCORE_COLUMNS if column not in frame.columns]
         if missing:
             raise InputError(f"{path}: missing column(s) {missing}, expected {list(SCORE_COLUMNS)}")
@@ -346,10 +362,16 @@ def write_report(
     with the command line's `config_overrides` (KEY=VALUE)."""
     workflow_configs = _read_configs(configs)
     origin = _origin(workflow_configs, config_overrides)
+    record = provenance(  # before any output: a bad SOURCE_DATE_EPOCH writes nothing
+        {"config_files": list(workflow_configs), "config_overrides": list(config_overrides),
+         "configs": {path: Path(path).read_text() for path in workflow_configs}},
+        None,
+    )  # fmt: skip
     scores = read_scores(score_files)
     summary = summarise(scores, baseline)
     models = [baseline, *sorted(set(scores["model"]) - {baseline})]
     out_dir = Path(out_dir)
+    clear_staging(out_dir / name for name in REPORT_FILES)
     tables, figures = out_dir / "tables", out_dir / "figures"
     tables.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
@@ -400,11 +422,6 @@ def write_report(
     if training_runs and training_curves(training_runs, figures / "training_curves.png"):
         sections += ["## Training curves", "", "![curves](figures/training_curves.png)", ""]
 
-    record = provenance(
-        {"config_files": list(workflow_configs), "config_overrides": list(config_overrides),
-         "configs": {path: Path(path).read_text() for path in workflow_configs}},
-        None,
-    )  # fmt: skip
     record["weights"] = _weight_hashes(scores, samples or {})
     record["score_files"] = [str(path) for path in score_files]
     write_json(out_dir / "provenance.json", record)

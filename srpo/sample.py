@@ -14,7 +14,9 @@ progress, of any shard count) made with the same spec records its sha256, and ma
 image of its own prompts again. So a stopped shard resumes after its last finished batch, even
 when Snakemake deleted its manifest before the re-run; a shard re-run with other settings or
 another model replaces its images; and shards, which own disjoint prompts, never write the same
-file.
+file. Every file is written atomically, and a re-run removes the staging folders a killed run left
+beside its own files, so a run killed anywhere and run again leaves the same bytes as one that
+never stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ import torch
 from PIL import Image
 from rich.progress import track
 
-from srpo.io import InputError, atomic_path, file_hashes, provenance, sha256_file, write_json
+from srpo.io import (
+    InputError,
+    atomic_path,
+    clear_staging,
+    file_hashes,
+    one_line,
+    provenance,
+    sha256_file,
+    write_json,
+)
 from srpo.prompts import EvalPrompt, read_eval_prompts
 from srpo.train.data import derive_seed
 from srpo.train.parallel import DTYPES
@@ -174,11 +185,6 @@ def model_identity(base_model: str, transformer: Path | None) -> dict[str, Any]:
     }
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def load_pipeline(
     base_model: str, transformer: Path | None, dtype: torch.dtype, device: torch.device
 ) -> Any:
@@ -193,21 +199,18 @@ def load_pipeline(
             parts["transformer"] = FluxTransformer2DModel.from_pretrained(transformer, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as error:
             raise InputError(
-                f"{transformer}: not a diffusers FLUX transformer folder ({_one_line(error)})"
+                f"{transformer}: not a diffusers FLUX transformer folder ({one_line(error)})"
             ) from None
     try:
         pipe = FluxPipeline.from_pretrained(base_model, dtype=dtype, **parts)
     except (OSError, ValueError) as error:
-        raise InputError(
-            f"{base_model}: cannot load a FLUX pipeline ({_one_line(error)})"
-        ) from None
+        raise InputError(f"{base_model}: cannot load a FLUX pipeline ({one_line(error)})") from None
     if transformer is not None and transformer.is_file():
         try:
             pipe.transformer.load_state_dict(load_file(transformer))
         except (OSError, RuntimeError, SafetensorError) as error:
             raise InputError(
-                f"{transformer}: not a state dict of {base_model}'s transformer "
-                f"({_one_line(error)})"
+                f"{transformer}: not a state dict of {base_model}'s transformer ({one_line(error)})"
             ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -248,7 +251,7 @@ def _read_json(path: Path, what: str) -> Any:
     except FileNotFoundError:
         raise InputError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: unreadable {what} ({_one_line(error)})") from None
+        raise InputError(f"{path}: unreadable {what} ({one_line(error)})") from None
 
 
 def _spec_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +315,15 @@ def sample_images(
         "model": model_identity(base_model, transformer),
         "prompts": {"sha256": sha256_file(prompts), "count": len(prompt_list)},
     }
+    config = {
+        "base_model": base_model,
+        "transformer": None if transformer is None else str(transformer),
+        "prompt_file": str(prompts),
+        "out_dir": str(out_dir),
+        "shard": f"{index}/{count}",
+        "settings": asdict(settings),
+    }
+    made_by = provenance(config)  # before any compute: a bad SOURCE_DATE_EPOCH fails fast
     batches = shard_batches(prompt_list, settings.batch_size, index, count)
     own = [p for batch in batches for p in batch]
     digests = _verified_images(out_dir, own, spec, (settings.width, settings.height))
@@ -322,6 +334,7 @@ def sample_images(
     manifest = out_dir / "manifests" / shard_manifest_name(index, count)
     progress_file = manifest.with_suffix(".progress.json")
     shard_record = {"index": index, "count": count}
+    clear_staging([manifest, progress_file, *(_png(out_dir, p) for p in own)])
 
     def record_progress() -> None:
         made = [
@@ -339,18 +352,10 @@ def sample_images(
                 write_png(image, _png(out_dir, prompt))
                 digests[prompt.prompt_id] = sha256_file(_png(out_dir, prompt))
         record_progress()  # a stopped shard resumes after its last finished batch
-    config = {
-        "base_model": base_model,
-        "transformer": None if transformer is None else str(transformer),
-        "prompt_file": str(prompts),
-        "out_dir": str(out_dir),
-        "shard": f"{index}/{count}",
-        "settings": asdict(settings),
-    }
     entries = [_entry(p, settings.seed, digests[p.prompt_id]) for p in own]
     write_json(
         manifest,
-        {**spec, "shard": shard_record, "images": entries, "provenance": provenance(config)},
+        {**spec, "shard": shard_record, "images": entries, "provenance": made_by},
     )
     generated = len(entries) - skipped
     return SampleResult(manifest, generated, skipped, stale, time.perf_counter() - start)
@@ -434,6 +439,7 @@ def gather_manifests(out_dir: Path, shards: int = 1) -> Path:
         {"manifest": path.name, **manifest["provenance"]}
         for path, manifest in zip(paths, manifests, strict=True)
     ]
+    clear_staging([out_dir / MANIFEST])
     write_json(out_dir / MANIFEST, {**spec, "images": images, "provenance": provenances})
     return out_dir / MANIFEST
 

@@ -1,4 +1,9 @@
-"""Score a folder of sampled images with one metric: one parquet (and CSV) row per image."""
+"""Score a folder of sampled images with one metric: one parquet (and CSV) row per image.
+
+An image whose bytes differ from the sha256 its sample manifest records (half-written, or
+replaced since) is refused rather than scored; the outputs are written atomically and a re-run
+removes what a killed run left, so a run killed anywhere and run again writes the same bytes.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from srpo.io import InputError, atomic_path
+from srpo.io import InputError, atomic_path, clear_staging, one_line, sha256_file
 
 SCORE_COLUMNS = (
     "prompt_id",
@@ -33,6 +38,7 @@ class SampledImage:
     style: str
     prompt: str
     path: Path
+    sha256: str | None = None  # recorded by `srpo sample`; None in a hand-made manifest
 
 
 def read_sample_manifest(sample_dir: Path) -> list[SampledImage]:
@@ -45,16 +51,30 @@ def read_sample_manifest(sample_dir: Path) -> list[SampledImage]:
         entries = json.loads(manifest.read_text())["images"]
         images = [
             SampledImage(
-                int(e["prompt_id"]), str(e["style"]), str(e["prompt"]), sample_dir / e["file"]
+                int(e["prompt_id"]),
+                str(e["style"]),
+                str(e["prompt"]),
+                sample_dir / e["file"],
+                None if e.get("sha256") is None else str(e["sha256"]),
             )
             for e in entries
         ]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise InputError(f"{manifest}: not a valid sample manifest ({error!r})") from None
     for image in images:
-        if not image.path.is_file():
-            raise InputError(f"{image.path}: image listed in {manifest} is missing")
+        _check_image(image, manifest)
     return sorted(images, key=lambda image: image.prompt_id)
+
+
+def _check_image(image: SampledImage, manifest: Path) -> None:
+    """An image must still be the one its manifest records, not a half-written or newer file."""
+    if not image.path.is_file():
+        raise InputError(f"{image.path}: image listed in {manifest} is missing")
+    if image.sha256 is not None and sha256_file(image.path) != image.sha256:
+        raise InputError(
+            f"{image.path}: expected the image with the sha256 recorded in {manifest} "
+            "(half-written or replaced: run `srpo sample` and `srpo gather-samples` again)"
+        )
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -62,7 +82,7 @@ def open_rgb(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
-        raise InputError(f"{path}: unreadable image, expected a PNG ({error})") from None
+        raise InputError(f"{path}: unreadable image, expected a PNG ({one_line(error)})") from None
 
 
 def score_images(
@@ -84,6 +104,7 @@ def score_images(
 def write_table(frame: pd.DataFrame, out_path: Path) -> None:
     """Parquet at `out_path` and the same rows as CSV beside it, each written atomically."""
     out_path = Path(out_path)
+    clear_staging([out_path, out_path.with_suffix(".csv")])
     with atomic_path(out_path) as staged:
         frame.to_parquet(staged, index=False)
     with atomic_path(out_path.with_suffix(".csv")) as staged:

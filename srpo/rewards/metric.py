@@ -128,5 +128,5 @@ def load_metric(
 ) -> Metric:
     """Load metric `name` onto `device` in `dtype`; `paths` are that metric's `load_metric` args."""
     if name not in METRICS:
-        raise InputError(f"unknown metric {name!r}; expected one of: {', '.join(METRICS)}")
+        raise InputError(f"--metric: expected one of {', '.join(METRICS)}, got {name!r}")
     return _loaders()[name](batch_size=batch_size, **paths).to(device, dtype)
