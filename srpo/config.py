@@ -40,12 +40,6 @@ class RewardConfig(_Section):
         None, description="pickscore: CLIP processor folder or hub id (default: model_path)"
     )
 
-    @model_validator(mode="after")
-    def _check_weights(self) -> RewardConfig:
-        """The weights a kind needs, checked with the rest of the config, before any compute."""
-        self.load_arguments()
-        return self
-
     def load_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `srpo.rewards.load_reward` for this kind."""
         if self.kind == "hpsv2":
@@ -80,7 +74,7 @@ class TrainConfig(_Section):
     base_model: str = Field(description="diffusers FLUX folder or hub id (FLUX.1-dev)")
     embeddings: str = Field(description="index.json of the `srpo encode` text-embedding cache")
     output_dir: str = Field(description="checkpoints, TensorBoard logs and the exported model")
-    reward: RewardConfig = Field(description="the reward model and its weights")
+    reward: RewardConfig = RewardConfig()
     srpo: dict[str, Any] = Field(
         default_factory=dict, description="SRPOSettings fields; missing ones take paper values"
     )
@@ -144,6 +138,13 @@ class TrainConfig(_Section):
         SRPOSettings(**value)
         return value
 
+    @model_validator(mode="after")
+    def _check_reward_weights(self) -> TrainConfig:
+        """The weights the reward kind needs, checked with the rest of the config."""
+        if "reward" in self.model_fields_set:
+            self.reward.load_arguments()
+        return self
+
     def settings(self) -> SRPOSettings:
         return SRPOSettings(**self.srpo)
 
@@ -159,7 +160,7 @@ def _format_error(source: str, error: ValidationError) -> str:
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
-    if message.startswith(f"{key}."):  # a section's own check names its key already
+    if key == "<root>" or message.startswith(f"{key}."):  # the check names its key
         return f"{source}: {message}"
     return f"{source}: {key}: {message}"
 
