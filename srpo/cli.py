@@ -436,6 +436,7 @@ def prepare_prompts_command(
 ) -> None:
     """HPD prompts: cleaned, deduplicated training prompts and the HPDv2 benchmark prompts by
     style; what cleaning did is counted in manifest.json and summarised here."""
+    _check_inputs(None, {"--base-model": base_model})
     from srpo.hpd import prepare_prompts, summary
 
     manifest = prepare_prompts(

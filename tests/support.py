@@ -10,6 +10,16 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_CSV = """prompt_id,style,prompt
+7,anime,a red fox sitting in the snow
+3,photo,"a lighthouse on a cliff, at sunset"
+12,paintings,portrait of an old fisherman
+0,concept-art,a futuristic city skyline at night
+5,photo,a small wooden boat on a calm lake
+1,anime,a girl reading a book under a tree
+9,paintings,mountains covered in fog at dawn
+"""
+"""Evaluation prompts as `srpo sample` reads them: ids out of order, a quoted comma."""
 TRAIN_PROMPTS = [
     "a red fox sitting in the snow",
     "a lighthouse on a cliff at sunset",
@@ -53,13 +63,16 @@ def tiny_config(models: Path, cache: Path, output_dir: Path, **overrides) -> dic
     return config
 
 
-def srpo_command(config: Path, nproc: int | None, *extra: str) -> list[str]:
-    """`torchrun --nproc-per-node N -m srpo train …` as users launch it; nproc None: no torchrun."""
+def srpo_command(
+    config: Path, nproc: int | None, *extra: str, torchrun_options: tuple[str, ...] = ()
+) -> list[str]:
+    """`torchrun [OPTIONS] --nproc-per-node N -m srpo train …` as users launch it; nproc None:
+    no torchrun."""
     train = ["-m", "srpo", "train", "--config", str(config), *extra]
     if nproc is None:
         return [sys.executable, *train]
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--nproc-per-node", str(nproc), "--standalone", *train]
+    return [torchrun, *torchrun_options, "--nproc-per-node", str(nproc), "--standalone", *train]
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -116,10 +129,12 @@ def run_srpo(
     )
 
 
-def start_srpo(config: Path, nproc: int | None, **env: str) -> subprocess.Popen:
+def start_srpo(
+    config: Path, nproc: int | None, torchrun_options: tuple[str, ...] = (), **env: str
+) -> subprocess.Popen:
     """Start a training launch in its own session (so a test can kill the whole group)."""
     return subprocess.Popen(
-        srpo_command(config, nproc),
+        srpo_command(config, nproc, torchrun_options=torchrun_options),
         cwd=REPO,
         env=run_env(**env),
         text=True,

@@ -227,20 +227,10 @@ def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     assert "at step 2" in resumed.stdout
 
 
-def torchrun_with_shutdown_timeout(config: Path, seconds: int, **env: str) -> subprocess.Popen:
-    """`torchrun --shutdown-timeout S …`: on SIGTERM torchrun forwards it to the workers and
+def with_shutdown_timeout(seconds: int) -> tuple[str, ...]:
+    """torchrun's `--shutdown-timeout S`: on SIGTERM it forwards the signal to the workers and
     SIGKILLs them S seconds later, as after a Slurm time limit."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--shutdown-timeout", str(seconds), "--nproc-per-node", "2"]
-    command += ["--standalone", "-m", "srpo", "train", "--config", str(config)]
-    return subprocess.Popen(
-        command,
-        env=run_env(**env),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    return ("--shutdown-timeout", str(seconds))
 
 
 def terminate_once_resumed(process: subprocess.Popen) -> str:
@@ -263,7 +253,7 @@ def test_stop_save_slower_than_the_launcher_window_keeps_a_resumable_checkpoint(
     assert_ok(run_srpo(write_config("reference", max_steps=steps), 2))
     assert_ok(run_srpo(write_config("cut", max_steps=1), 2))
     config = write_config("cut", max_steps=steps)
-    process = torchrun_with_shutdown_timeout(config, 3, **{PAUSE_ENV: "20"})
+    process = start_srpo(config, 2, with_shutdown_timeout(3), **{PAUSE_ENV: "20"})
     err = terminate_once_resumed(process)
     root = tmp_path / "cut" / "checkpoints"
     assert process.returncode != 0
@@ -282,7 +272,7 @@ def test_stop_skips_a_save_that_cannot_fit(write_config, tmp_path):
     launcher would cut; exit 75 at once, naming the checkpoint to resume from."""
     assert_ok(run_srpo(write_config("slow", max_steps=1), 2, **{PAUSE_ENV: "6"}))
     config = write_config("slow", max_steps=6, stop_grace_s=2, checkpoint_every=2)
-    process = torchrun_with_shutdown_timeout(config, 30, **{PAUSE_ENV: "6"})
+    process = start_srpo(config, 2, with_shutdown_timeout(30), **{PAUSE_ENV: "6"})
     saving = tmp_path / "slow" / "checkpoints" / ".step-00000002.partial" / "train_state.json"
     wait_for(saving.is_file, process)  # step 2's periodic save: 6 s, measured
     process.send_signal(signal.SIGTERM)  # arrives in that save; step 3 is not periodic

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import run_env
+from support import EVAL_CSV, run_env
 from typer.testing import CliRunner
 
 from srpo.cli import app
@@ -29,14 +29,6 @@ from srpo.sample import gather_manifests
 
 SEED = int(os.environ.get("SRPO_KILL_SEED") or random.SystemRandom().randrange(2**32))
 EPOCH = "1700000000"  # SOURCE_DATE_EPOCH of every run: provenance's `created` is then fixed
-PROMPTS = """prompt_id,style,prompt
-7,anime,a red fox sitting in the snow
-3,photo,"a lighthouse on a cliff, at sunset"
-12,paintings,portrait of an old fisherman
-0,concept-art,a futuristic city skyline at night
-5,photo,a small wooden boat on a calm lake
-1,anime,a girl reading a book under a tree
-"""
 POLL_S = 0.003
 Snapshot = dict[str, tuple[int, int]]
 
@@ -167,7 +159,7 @@ def assert_killed_twice_then_identical(
 @pytest.fixture(scope="module")
 def inputs(tiny_models: Path, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("kill-inputs")
-    (folder / "eval.csv").write_text(PROMPTS)
+    (folder / "eval.csv").write_text(EVAL_CSV)
     return {"models": tiny_models, "prompts": folder / "eval.csv", "root": folder}
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
-from support import REPO, run_env
+from support import EVAL_CSV, REPO, run_env
 from typer.testing import CliRunner
 
 from srpo.cli import app
@@ -27,15 +27,6 @@ from srpo.sample import (
     shard_batches,
 )
 
-CSV = """prompt_id,style,prompt
-7,anime,a red fox sitting in the snow
-3,photo,"a lighthouse on a cliff, at sunset"
-12,paintings,portrait of an old fisherman
-0,concept-art,a futuristic city skyline at night
-5,photo,a small wooden boat on a calm lake
-1,anime,a girl reading a book under a tree
-9,paintings,mountains covered in fog at dawn
-"""
 IDS = [7, 3, 12, 0, 5, 1, 9]
 TINY = {"steps": 2, "height": 64, "width": 64, "max_sequence_length": 32, "dtype": "float32"}
 TINY_ARGS = ["--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "32"]
@@ -77,7 +68,7 @@ def one_line_error(call, *args, **kwargs) -> str:
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "eval.csv"
-    path.write_text(CSV)
+    path.write_text(EVAL_CSV)
     return path
 
 
