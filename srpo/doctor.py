@@ -35,17 +35,6 @@ class Check:
     detail: str
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Snakemake's merge of config files: nested mappings merge, other values replace."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
@@ -62,10 +51,11 @@ def load_workflow_config(files: list[Path]) -> dict[str, Any]:
     """config/containers.yaml + the given files (default: the tiny one), as the Snakefile reads
     them, validated against the workflow's schema; an invalid key is one line."""
     from jsonschema import Draft202012Validator
+    from snakemake.utils import update_config
 
     config = _read_yaml(CONTAINERS_CONFIG)
     for path in files or [Path("config/config.yaml")]:
-        config = _merge(config, _read_yaml(Path(path)))
+        update_config(config, _read_yaml(Path(path)))  # Snakemake's own merge of configfiles
     schema = yaml.safe_load(SCHEMA.read_text())
     for error in sorted(Draft202012Validator(schema).iter_errors(config), key=str):
         key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
