@@ -1,5 +1,6 @@
 """The trainer end to end under real torchrun + gloo: global batch, signals, resume, export."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -279,7 +280,8 @@ def test_stop_skips_a_save_that_cannot_fit(write_config, tmp_path):
     _, err = process.communicate(timeout=300)
     latest = checkpoints(tmp_path / "slow").latest()
     assert "stopped by signal 15" in err, err[-3000:]
-    assert "the last save took 6 s, more than is left of stop_grace_s=2" in err
+    took = re.search(r"the last save took (\d+) s, more than is left of stop_grace_s=2;", err)
+    assert took and int(took.group(1)) >= 6, err[-3000:]  # 6 s paused, plus the write itself
     assert latest.name == "step-00000002"
     assert f"resume from {latest}" in err
     assert not list((tmp_path / "slow" / "checkpoints").glob(".step-*.partial"))
