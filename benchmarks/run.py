@@ -136,6 +136,7 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
     world = max(suite.world_sizes) if headline else 1
     config = _train_config(models, spec, suite, world, out)
     runs = {variant: _train(variant, config, world, suite, out) for variant in VARIANTS}
+    lora = _train("ours-lora", config, world, suite, out)
     scaling = {}
     if headline and len(suite.world_sizes) > 1:
         for size in suite.world_sizes:
@@ -181,6 +182,9 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
             "mfu": step_flops / ours["seconds"] / (gflops * 1e9),
             "mfu_literal_no_anomaly": step_flops / no_anomaly["seconds"] / (gflops * 1e9),
             "forward_flops": forward,
+            "lora_step_ratio": lora["seconds"] / ours["seconds"],
+            "lora_peak_memory_ratio": lora["peak_memory_mb"] / ours["peak_memory_mb"],
+            "lora": _lora_figures(lora, ours),
         },
         "scaling": scaling,
         "sampling": {
@@ -199,6 +203,26 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
     }
     figures["flux_dev_depth"] = scaled_to_flux_dev(figures, transformer, parameters)
     return figures
+
+
+def _lora_figures(lora: dict, full: dict) -> dict:
+    """Our trainer with the default `lora:` section beside the same trainer in full."""
+    from srpo.config import LoraConfig
+
+    return {
+        "rank": LoraConfig().rank,
+        "seconds": {"full": full["seconds"], "lora": lora["seconds"]},
+        "peak_memory_mb": {"full": full["peak_memory_mb"], "lora": lora["peak_memory_mb"]},
+        "trainable_parameters": {
+            "full": full["trainable_parameters"],
+            "lora": lora["trainable_parameters"],
+        },
+        "phases": lora["phases"],
+        # B starts at zero, so the first step's model, and loss, is the full run's
+        "same_first_loss": _same_losses(
+            {"records": lora["records"][:1]}, {"records": full["records"][:1]}, 0.0
+        ),
+    }
 
 
 def _parameter_count(folder: Path) -> int:
@@ -274,6 +298,8 @@ TRAIN_KEYS = (
     "mfu",
     "seconds",
     "losses_equal",
+    "lora_step_ratio",
+    "lora_peak_memory_ratio",
 )
 SAMPLING_KEYS = (
     "ratio_vs_stock",

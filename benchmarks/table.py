@@ -34,6 +34,25 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
+        "LoRA (`lora:` defaults) against full fine-tuning, our trainer, same ranks and inputs:",
+        "",
+        "| model | rank | step s: full / LoRA | LoRA / full | peak MB: full / LoRA | LoRA / full "
+        "| trainable parameters: full / LoRA | same first loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model in result["models"].items():
+        train = model["train_step"]
+        lora = train["lora"]
+        seconds, memory = lora["seconds"], lora["peak_memory_mb"]
+        counts = lora["trainable_parameters"]
+        lines.append(
+            f"| {name} | {lora['rank']} | {_f(seconds['full'])} / {_f(seconds['lora'])} | "
+            f"{_f(train['lora_step_ratio'])}× | {memory['full']:.0f} / {memory['lora']:.0f} | "
+            f"{_f(train['lora_peak_memory_ratio'])}× | {counts['full']:,} / {counts['lora']:,} | "
+            f"{'yes' if lora['same_first_loss'] else 'NO'} |"
+        )
+    lines += [
+        "",
         "Step seconds with the transformer phases scaled to FLUX.1-dev's 19 + 38 blocks by FLOPs "
         "(a prediction for this machine):",
         "",

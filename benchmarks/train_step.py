@@ -2,9 +2,11 @@
 
     python -m benchmarks.train_step VARIANT CONFIG OUT_JSON WARMUP STEPS
 
-VARIANT is `ours` (srpo.train.loop.Trainer), `literal` (the authors' recipe, anomaly detection
-on) or `literal-no-anomaly`. Rank 0 writes per-step seconds, losses, per-phase seconds (mean over
-ranks) and the peak memory of the busiest rank.
+VARIANT is `ours` (srpo.train.loop.Trainer), `ours-lora` (the same trainer with the default
+`lora:` section: adapters instead of the full transformer), `literal` (the authors' recipe,
+anomaly detection on) or `literal-no-anomaly`. Rank 0 writes per-step seconds, losses, per-phase
+seconds (mean over ranks), the peak memory of the busiest rank and, for ours, the trainable and
+total parameter counts.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from srpo.config import load_train_config
+from srpo.config import TrainConfig, load_train_config
 from srpo.io import write_json
 from srpo.train.data import derive_seed
 from srpo.train.parallel import DistributedContext
 
-VARIANTS = ("ours", "literal", "literal-no-anomaly")
+VARIANTS = ("ours", "ours-lora", "literal", "literal-no-anomaly")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -32,10 +34,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_trainer(variant: str, config, ctx: DistributedContext):
-    if variant == "ours":
+def make_trainer(variant: str, config: TrainConfig, ctx: DistributedContext):
+    if variant in ("ours", "ours-lora"):
         from srpo.train.loop import Trainer
 
+        if variant == "ours-lora":
+            config = TrainConfig.model_validate({**config.to_dict(), "lora": {}})
         return Trainer(config, ctx)
     from benchmarks.literal import LiteralTrainer
 
@@ -66,11 +70,18 @@ def run(variant: str, config_path: Path, out: Path, warmup: int, steps: int) -> 
             [sum(r[k] for r in measured) / len(measured) for k in phases], dtype=torch.float64
         )
         dist.all_reduce(sums)
+        counts = {}
+        if variant.startswith("ours"):
+            counts = {
+                "trainable_parameters": sum(p.numel() for p in trainer.trainable),
+                "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            }
         if ctx.is_main:
             write_json(
                 out,
                 {
                     "variant": variant,
+                    **counts,
                     "world_size": ctx.world_size,
                     "threads": torch.get_num_threads(),
                     "records": records,

@@ -36,7 +36,8 @@ stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --o
 stage workflow bash -c 'bash tests/workflow/install-browser.sh &&
   SRPO_REQUIRE_BROWSER=1 .venv/bin/python -m pytest -q tests/workflow'
 stage metric-envs bash -c 'set -e
-  .venv-hpsv3/bin/python -m pytest -q tests/metric_envs/test_hpsv3.py
+  .venv-hpsv3/bin/python -m pytest -q tests/metric_envs/test_hpsv3.py tests/metric_envs/test_hpsv3_reward.py \
+    tests/metric_envs/test_hpsv3_training.py
   .venv-imagereward/bin/python -m pytest -q tests/metric_envs/test_imagereward.py
   SRPO_REQUIRE_METRIC_ENVS=1 .venv/bin/python -m pytest -q tests/metric_envs/test_all_metrics.py'
 slurm_stage() (

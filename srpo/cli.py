@@ -159,7 +159,9 @@ def make_tiny_command(
 @_one_line_errors
 def encode_command(
     base_model: Annotated[str, typer.Option(help="diffusers FLUX folder or hub id.")],
-    prompts: Annotated[Path, typer.Option(help="Prompt file, one prompt per line.")],
+    prompts: Annotated[
+        Path, typer.Option(help="Prompt file: .txt, one prompt per line, or an evaluation CSV.")
+    ],
     out_dir: Annotated[Path, typer.Option(help="Cache folder to write (index.json + shards).")],
     max_sequence_length: Annotated[int, typer.Option(help="T5 tokens per prompt.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Prompts per encoder call.")] = 8,
@@ -187,6 +189,10 @@ def train_command(
     output_dir: Annotated[Path | None, typer.Option(help="Override output_dir.")] = None,
     base_model: Annotated[str | None, typer.Option(help="Override base_model.")] = None,
     embeddings: Annotated[Path | None, typer.Option(help="Override embeddings.")] = None,
+    eval_embeddings: Annotated[
+        Path | None,
+        typer.Option(help="Override evaluation.embeddings (the held-out prompts' cache)."),
+    ] = None,
     resume: Annotated[
         bool, typer.Option(help="Resume from the newest complete checkpoint in output_dir.")
     ] = True,
@@ -197,6 +203,7 @@ def train_command(
 ) -> None:
     """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
     from srpo.config import load_train_config
+    from srpo.train.evaluate import EXIT_COLLAPSED, RewardHacking
     from srpo.train.loop import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
 
     overrides = {
@@ -205,6 +212,7 @@ def train_command(
         "base_model": base_model,
         "output_dir": str(output_dir) if output_dir else None,
         "embeddings": str(embeddings) if embeddings else None,
+        "evaluation.embeddings": str(eval_embeddings) if eval_embeddings else None,
     }
     settings = load_train_config(config, overrides)
     _check_inputs(
@@ -221,6 +229,10 @@ def train_command(
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"error: {error}", err=True)
         sys.exit(EXIT_DIVERGED)
+    except RewardHacking as error:
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_COLLAPSED)
     if result.stopped_by_signal is not None:
         typer.echo(
             f"stopped by signal {result.stopped_by_signal} after step {result.step}; "

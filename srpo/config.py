@@ -24,10 +24,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+REWARD_FILES = {
+    "hpsv2": ("checkpoint", "model_config_path"),
+    "pickscore": ("model_path", "processor_path"),
+    "hpsv3": ("hpsv3_checkpoint", "hpsv3_config"),
+}
+"""The rewards of one model, each with the keys of `reward` that name its files."""
+HPSV3_SCALE = 0.025
+"""Default `reward.hpsv3_scale`. μ of a FLUX.1-dev image is about 10 (the HPSv3 paper's
+benchmark), so the unscaled SRP reward ≈ w·μ + Δμ would sit above the loss's 0.7 threshold and
+switch the loss off; 1/40 maps μ ≈ 10 to 0.25, the size of an HPSv2.1 cosine, so the threshold
+acts as in the paper's HPSv2.1 recipe."""
+
+
 class RewardConfig(_Section):
     """Which reward model scores the decoded images, and where its weights are."""
 
-    kind: Literal["hpsv2", "pickscore"] = Field("hpsv2", description="reward model family")
+    kind: Literal["hpsv2", "pickscore", "hpsv3", "mix"] = Field(
+        "hpsv2", description="reward model family; mix: a weighted sum of several (`mix`)"
+    )
     checkpoint: str | None = Field(
         None, description="hpsv2: path of HPS_v2.1_compressed.pt ({'state_dict': ...})"
     )
@@ -39,10 +54,64 @@ class RewardConfig(_Section):
     processor_path: str | None = Field(
         None, description="pickscore: CLIP processor folder or hub id (default: model_path)"
     )
+    hpsv3_checkpoint: str | None = Field(None, description="hpsv3: path of HPSv3.safetensors")
+    hpsv3_config: str | None = Field(
+        None,
+        description="hpsv3: the hpsv3 package's config yaml (default: its HPSv3_7B.yaml, whose "
+        "base model Qwen/Qwen2-VL-7B-Instruct must be in the Hugging Face cache)",
+    )
+    hpsv3_scale: float = Field(
+        HPSV3_SCALE, gt=0, description="hpsv3: factor on (1 + w)·μ(x, p) − μ(x, n)"
+    )
+    mix: dict[str, float] | None = Field(
+        None,
+        description="mix: reward kind → weight, e.g. {hpsv2: 1.0, hpsv3: 0.5}; each kind's "
+        "files are given by its own keys of this section",
+    )
+
+    @field_validator("mix")
+    @classmethod
+    def _check_mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - set(REWARD_FILES))
+        if unknown or not value:
+            raise ValueError(f"unknown kind(s) {unknown}; expected some of {list(REWARD_FILES)}")
+        if not all(0 < weight < float("inf") for weight in value.values()):
+            raise ValueError(f"weights must be positive and finite, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_mix_kind(self) -> RewardConfig:
+        if self.kind == "mix" and self.mix is None:
+            raise ValueError("reward.mix: required for kind 'mix'")
+        if self.kind != "mix" and self.mix is not None:
+            raise ValueError(f"reward.mix: only for kind 'mix', not {self.kind!r}")
+        return self
+
+    def kinds(self) -> list[str]:
+        """The reward models this section loads: its kind, or the kinds of its mix."""
+        return list(self.mix or {}) if self.kind == "mix" else [self.kind]
+
+    def weight_paths(self) -> dict[str, str]:
+        """Every file or folder (or hub id) the reward loads, by its key in this section."""
+        return {
+            key: getattr(self, key)
+            for kind in self.kinds()
+            for key in REWARD_FILES[kind]
+            if getattr(self, key)
+        }
 
     def load_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `srpo.rewards.load_reward` for this kind."""
-        if self.kind == "hpsv2":
+        if self.kind == "mix":
+            arguments = {kind: self._arguments(kind) for kind in self.kinds()}
+            return {"weights": dict(self.mix or {}), "arguments": arguments}
+        return self._arguments(self.kind)
+
+    def _arguments(self, kind: str) -> dict[str, Any]:
+        """Keyword arguments of reward `kind`'s `load`; one line naming a missing key."""
+        if kind == "hpsv2":
             if not self.checkpoint:
                 raise InputError("reward.checkpoint: required for kind 'hpsv2'")
             arguments: dict[str, Any] = {
@@ -52,9 +121,18 @@ class RewardConfig(_Section):
             if self.model_config_path:
                 arguments["model_config"] = Path(self.model_config_path)
             return arguments
-        if not self.model_path:
-            raise InputError("reward.model_path: required for kind 'pickscore'")
-        return {"model_path": self.model_path, "processor_path": self.processor_path}
+        if kind == "pickscore":
+            if not self.model_path:
+                raise InputError("reward.model_path: required for kind 'pickscore'")
+            return {"model_path": self.model_path, "processor_path": self.processor_path}
+        if not self.hpsv3_checkpoint:
+            raise InputError("reward.hpsv3_checkpoint: required for kind 'hpsv3'")
+        config = Path(self.hpsv3_config) if self.hpsv3_config else None
+        return {
+            "checkpoint": Path(self.hpsv3_checkpoint),
+            "config": config,
+            "scale": self.hpsv3_scale,
+        }
 
 
 class OptimConfig(_Section):
@@ -66,6 +144,99 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(0.1, gt=0)
     fused: bool = Field(True, description="torch's fused AdamW kernel: one pass over memory")
+
+
+class CollapseGuardConfig(_Section):
+    """When held-out metrics say the training reward is being gamed (reward hacking)."""
+
+    margins: dict[str, float] = Field(
+        default_factory=dict,
+        description="watched metric -> drop, in that metric's units, below its best held-out "
+        "value so far that counts as collapse while the held-out training reward is above its "
+        "value at that best evaluation",
+    )
+    stop: bool = Field(False, description="stop after a checkpoint (exit 4) instead of warning")
+
+    @field_validator("margins")
+    @classmethod
+    def _check_margins(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, margin in value.items():
+            if not margin > 0:
+                raise ValueError(f"{name}: expected a margin > 0, got {margin}")
+        return value
+
+
+class EvaluationConfig(_Section):
+    """Held-out evaluation during training: sample fixed prompts, score them with metrics the
+    run does not train on, and watch for reward hacking (srpo/train/evaluate.py)."""
+
+    every: int = Field(0, ge=0, description="steps between held-out evaluations; 0: none")
+    embeddings: str | None = Field(
+        None, description="index.json of an `srpo encode` cache of the held-out prompts"
+    )
+    max_prompts: int | None = Field(None, ge=1, description="the first N held-out prompts only")
+    steps: int = Field(8, ge=1, description="Euler steps of the held-out sampling")
+    guidance: float = Field(3.5, description="FLUX guidance of the held-out sampling")
+    seed: int = Field(0, ge=0, description="noise seed; image i always gets the same noise")
+    metrics: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="metric name -> its weight files, the keyword arguments of `srpo score` "
+        "(e.g. aesthetic: {clip_checkpoint: …, mlp_checkpoint: …})",
+    )
+    batch_size: int = Field(8, ge=1, description="images per metric forward")
+    collapse: CollapseGuardConfig = CollapseGuardConfig()
+
+    @model_validator(mode="after")
+    def _check_enabled(self) -> EvaluationConfig:
+        from srpo.rewards.metric import METRICS
+
+        for name in self.metrics:
+            if name not in METRICS:
+                raise ValueError(f"metrics.{name}: unknown metric; expected one of {METRICS}")
+        for name in self.collapse.margins:
+            if name not in self.metrics:
+                raise ValueError(
+                    f"collapse.margins.{name}: not a watched metric; expected one of "
+                    f"{sorted(self.metrics)}"
+                )
+        if self.every and not self.embeddings:
+            raise ValueError("embeddings: required when `every` is set")
+        if self.every and not self.metrics:
+            raise ValueError("metrics: name at least one metric when `every` is set")
+        return self
+
+
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+"""The attention projections diffusers' FLUX LoRA scripts adapt: image and text streams."""
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters (peft, through diffusers) trained instead of the whole transformer."""
+
+    rank: int = Field(16, ge=1, description="rank r of each adapter's A (r×in) and B (out×r)")
+    alpha: float | None = Field(
+        None, gt=0, description="the update is scaled by alpha/rank; default: rank (scale 1)"
+    )
+    target_modules: tuple[str, ...] = Field(
+        LORA_TARGETS,
+        min_length=1,
+        description="transformer modules to adapt, matched by name suffix as peft does",
+    )
+    export_merged: bool = Field(
+        True,
+        description="also export the adapters merged into the base: model/transformer/ and "
+        "model/diffusion_pytorch_model.safetensors, which the workflow's sample rule and the "
+        "quick start load",
+    )
 
 
 class TrainConfig(_Section):
@@ -124,6 +295,10 @@ class TrainConfig(_Section):
         description="updates skipped in a row for a NaN/Inf loss or gradient before the run "
         "stops (the last checkpoint, written before them, stays the newest)",
     )
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters instead of the whole transformer; null: full"
+    )
+    evaluation: EvaluationConfig = EvaluationConfig()
     keep_last: int = Field(3, ge=1, description="complete checkpoints kept on disk")
     export_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     log_every: int = Field(1, ge=1)
@@ -143,6 +318,23 @@ class TrainConfig(_Section):
         """The weights the reward kind needs, checked with the rest of the config."""
         if "reward" in self.model_fields_set:
             self.reward.load_arguments()
+        return self
+
+    @model_validator(mode="after")
+    def _check_watched_metrics(self) -> TrainConfig:
+        """A held-out metric made of the reward's own files cannot reveal hacking."""
+        trained = {
+            Path(value).resolve()
+            for value in self.reward.model_dump().values()
+            if isinstance(value, str) and Path(value).exists()
+        }
+        for name, paths in self.evaluation.metrics.items():
+            files = {Path(value).resolve() for value in paths.values() if Path(value).exists()}
+            if files and files <= trained:
+                raise ValueError(
+                    f"evaluation.metrics.{name}: its files are the training reward's; watch "
+                    "metrics the run does not train on"
+                )
         return self
 
     def settings(self) -> SRPOSettings:
@@ -166,7 +358,10 @@ def _format_error(source: str, error: ValidationError) -> str:
 
 
 def load_train_config(path: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read and validate a YAML config; any problem is one InputError line naming the key."""
+    """Read and validate a YAML config; any problem is one InputError line naming the key.
+
+    `overrides` (None values ignored) replace keys; a dotted key such as
+    `evaluation.embeddings` replaces one key of a section."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
@@ -176,7 +371,16 @@ def load_train_config(path: Path, overrides: dict[str, Any] | None = None) -> Tr
         raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a mapping of keys at the top level")
-    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise InputError(f"{path}: {section}: expected a mapping of keys")
+        target[key] = value
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from srpo.io import InputError, atomic_path, file_hashes, read_prompt_file, write_json
+from srpo.prompts import read_eval_prompts
 
 INDEX_NAME = "index.json"
 CACHE_FORMAT = 1
@@ -109,7 +110,10 @@ def encode_prompts(
     """Encode a prompt file into `out_dir`, one shard per rank of the current launch."""
     from srpo.train.parallel import DistributedContext
 
-    prompts = read_prompt_file(prompt_file)
+    if Path(prompt_file).suffix.lower() == ".csv":  # the evaluation set, held out in training
+        prompts = [prompt.prompt for prompt in read_eval_prompts(prompt_file)]
+    else:
+        prompts = read_prompt_file(prompt_file)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with DistributedContext.from_environment() as ctx:

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from packaging.version import Version
 
 from srpo.algorithm import Velocity
 
 LATENT_CHANNELS = 16
 PACKED_CHANNELS = LATENT_CHANNELS * 4
+HALVING_HELPERS = Version(diffusers.__version__) < Version("0.32")
+"""diffusers 0.31 (the hpsv3 environment's: transformers 4.45 holds huggingface_hub below the 1.x
+that later diffusers need) halves the latent size inside `_prepare_latent_image_ids` and takes
+the VAE factor of a 2×2-packed latent in `_unpack_latents`; 0.32 moved both to the caller."""
 
 
 def quantise_timestep(sigma: float) -> float:
@@ -58,13 +64,15 @@ class LatentGeometry:
 
     def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, (h/2)(w/2), 64] → [B, 16, h, w]."""
-        return FluxPipeline._unpack_latents(tokens, self.height, self.width, self.vae_scale)
+        scale = self.vae_scale * 2 if HALVING_HELPERS else self.vae_scale
+        return FluxPipeline._unpack_latents(tokens, self.height, self.width, scale)
 
     def image_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[(h/2)(w/2), 3] rotary position ids of the image tokens."""
+        halve = 1 if HALVING_HELPERS else 2
         latent_h, latent_w = self.latent_size
         return FluxPipeline._prepare_latent_image_ids(
-            1, latent_h // 2, latent_w // 2, device, dtype
+            1, latent_h // halve, latent_w // halve, device, dtype
         )
 
 
@@ -148,8 +156,10 @@ class FrozenVAE:
 
 
 def load_transformer(base_model: str, dtype: torch.dtype = torch.float32) -> FluxTransformer2DModel:
-    return FluxTransformer2DModel.from_pretrained(base_model, subfolder="transformer", dtype=dtype)
+    return FluxTransformer2DModel.from_pretrained(
+        base_model, subfolder="transformer", torch_dtype=dtype
+    )
 
 
 def load_vae(base_model: str, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    return AutoencoderKL.from_pretrained(base_model, subfolder="vae", dtype=dtype)
+    return AutoencoderKL.from_pretrained(base_model, subfolder="vae", torch_dtype=dtype)

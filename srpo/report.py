@@ -248,32 +248,43 @@ def image_grid(
     return path, [prompt.prompt_id for prompt in chosen]
 
 
+TRAINING_PANELS = ("reward/denoise", "reward/inversion", "loss/denoise", "grad_norm")
+"""Curves of every run; the held-out evaluation's `eval/…` curves (srpo/train/evaluate.py)
+follow them, when a run has them, so a metric falling while the reward rises shows."""
+
+
 def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
-    """Reward, loss and grad-norm curves from each run's TensorBoard event files."""
+    """Reward, loss, grad-norm and held-out curves from each run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    panels = ("reward/denoise", "reward/inversion", "loss/denoise", "grad_norm")
     curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    held_out: set[str] = set()
     for label, folder in runs.items():
         if not Path(folder).is_dir():
             continue
         events = EventAccumulator(str(folder))
         events.Reload()
         tags = set(events.Tags().get("scalars", []))
+        held_out |= {tag for tag in tags if tag.startswith("eval/") and tag != "eval/collapse"}
         curves[label] = {
             tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
-            for tag in panels
-            if tag in tags
+            for tag in tags
+            if tag in TRAINING_PANELS or tag in held_out
         }
     if not any(curves.values()):
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
-    for axis, tag in zip(axes[0], panels, strict=True):
+    panels = [*TRAINING_PANELS, *sorted(held_out)]
+    columns = len(TRAINING_PANELS)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, tag in zip(axes.flat, panels, strict=False):
         for label, series in curves.items():
             if tag in series:
                 axis.plot(*series[tag], marker=".", label=label)
-        axis.set_title(tag)
+        axis.set_title(f"{tag} (held-out)" if tag in held_out else tag)
         axis.set_xlabel("step")
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     _save_figure(figure, path)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import psutil
 
+from srpo.train.checkpoint import Checkpointer
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL_CSV = """prompt_id,style,prompt
 7,anime,a red fox sitting in the snow
@@ -159,3 +161,17 @@ def kill_tree(pid: int) -> None:
             process.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             continue
+
+
+def checkpoints(run_dir: Path) -> Checkpointer:
+    return Checkpointer(run_dir / "checkpoints", keep_last=3, rank=0)
+
+
+def terminate_once_resumed(process: subprocess.Popen) -> str:
+    """SIGTERM to torchrun as soon as rank 0 reports its resume; then wait for the end."""
+    for line in process.stdout:
+        if line.startswith("resumed from"):
+            process.send_signal(signal.SIGTERM)
+            break
+    _, err = process.communicate(timeout=300)
+    return err

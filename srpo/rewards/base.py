@@ -1,8 +1,11 @@
-"""The one interface every reward model offers: differentiable CLIP features and the SRP reward.
+"""The one interface every training reward offers, and its CLIP-tower implementation.
 
-Subclasses only say how to embed pixels and prompts and how the metric scales a cosine; the
-preprocessing and the semantic-relative formula (SPEC §3 steps 4–5) live here once, so HPSv2.1
-and PickScore cannot drift apart.
+`Reward` is what the trainer calls: the semantic-relative reward (SPEC §3 step 5) of decoded
+images, differentiable w.r.t. the pixels. `RewardModel` implements it on separate image and text
+towers: subclasses only say how to embed pixels and prompts and how the metric scales a cosine;
+the preprocessing and the formula live here once, so HPSv2.1 and PickScore cannot drift apart.
+HPSv3 (a joint vision-language scorer, `srpo.rewards.hpsv3`) and weighted mixes
+(`srpo.rewards.mix`) implement `Reward` directly.
 """
 
 from __future__ import annotations
@@ -18,7 +21,35 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class RewardModel(nn.Module, ABC):
+class Reward(nn.Module, ABC):
+    """A frozen scorer of [0,1] images whose reward stays differentiable w.r.t. the pixels."""
+
+    @abstractmethod
+    def semantic_relative_reward(
+        self, images: torch.Tensor, positive_prompt: str, negative_prompt: str, weight: float
+    ) -> torch.Tensor:
+        """Reward [B] of images [B,3,H,W] in [0,1]: the `reward` callable of the trainer."""
+
+    @abstractmethod
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The scorer's own score [B] of image i against prompt i (held-out evaluation)."""
+
+    def freeze(self) -> Reward:
+        """Reward models are never trained: gradients must reach the pixels only."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class RewardModel(Reward):
     """A frozen CLIP-style scorer whose image branch stays differentiable w.r.t. the pixels."""
 
     def __init__(self, image_size: int) -> None:
@@ -43,20 +74,6 @@ class RewardModel(nn.Module, ABC):
     def reward_scale(self) -> float | torch.Tensor:
         """Factor applied to the semantic-relative reward during training (SPEC §3.5)."""
 
-    def freeze(self) -> RewardModel:
-        """Reward models are never trained: gradients must reach the pixels only."""
-        self.eval()
-        self.requires_grad_(False)
-        return self
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [0,1] → CLIP input, with the same differentiable ops as training."""
         size = self.image_size
@@ -76,7 +93,7 @@ class RewardModel(nn.Module, ABC):
     def semantic_relative_reward(
         self, images: torch.Tensor, positive_prompt: str, negative_prompt: str, weight: float
     ) -> torch.Tensor:
-        """reward_scale · f·((1 + w)·p − n) per image: the `reward` callable of the trainer."""
+        """reward_scale · f·((1 + w)·p − n) per image, f, p, n unit-normalised features."""
         features = self.image_features(images)
         positive, negative = self.text_features([positive_prompt, negative_prompt])
         direction = (1 + weight) * positive - negative

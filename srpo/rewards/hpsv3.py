@@ -7,6 +7,9 @@ package's prompt template and image resizing. So our number IS the reference imp
 The package pins transformers 4.45.2: it runs only in `.venv-hpsv3` (envs/metric-env.sh), and
 this module imports it lazily so that the main environment can still list the metric.
 
+The training reward `HPSv3Reward` (`load`) is the same inferencer in the package's own
+differentiable mode; training with it therefore runs in `.venv-hpsv3` too (README, "Rewards").
+
 `build_tiny` writes a random tiny model in the real layout — a Qwen2-VL folder with its
 processor, a config yaml derived from the package's HPSv3_7B.yaml pointing at it, and
 `HPSv3.safetensors` made by the package's own model factory — that loads through the same code.
@@ -26,10 +29,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from srpo.io import InputError, atomic_path, sha256_file
+from srpo.rewards.base import Reward
 from srpo.rewards.metric import Metric
 from srpo.rewards.packaged import first_line, import_package, require_file
 
 ENVIRONMENT = "hpsv3"
+TRAIN_COMMAND = ".venv-hpsv3/bin/python -m torch.distributed.run [torchrun options] -m srpo train"
+"""How a training job with an HPSv3 reward is launched (`srpo-hpsv3 train` for one process)."""
+PIXEL_RANGE = 255.0
+"""The processor's `rescale_factor` is 1/255: it expects 0–255 pixel values, ours are in [0, 1]."""
 CHECKPOINT_NAME = "HPSv3.safetensors"
 CONFIG_NAME = "HPSv3_tiny.yaml"
 BASE_NAME = "Qwen2-VL-tiny"
@@ -114,6 +122,73 @@ class HPSv3Metric(Metric):
         return self.inferencer.reward(list(images), prompts)[:, 0]
 
 
+class HPSv3Reward(Reward):
+    """HPSv3's μ as a semantic-relative reward, differentiable w.r.t. the pixels.
+
+    HPSv3 reads image and prompt together, so there are no separate towers to take f, p and n
+    from. For CLIP towers f·((1 + w)·p − n) = (1 + w)·(f·p) − f·n exactly: the SRP reward is that
+    combination of two image–prompt scores. The HPSv3 SRP reward is the same combination of μ,
+    scale·((1 + w)·μ(x, p) − μ(x, n)), with p and n the control-word prompts.
+
+    μ comes from the package's inferencer built with `differentiable=True`: its prompt template,
+    its `process_vision_info` resizing the tensor to 256·28·28 pixels (torchvision bicubic,
+    antialiased; PIL's bicubic for PIL images) and its torch `Qwen2VLImageProcessor` (rescale,
+    CLIP normalisation, patches + `image_grid_thw`) in place of the numpy one.
+    """
+
+    def __init__(self, inferencer: Any, scale: float) -> None:
+        super().__init__()
+        self.model = inferencer.model
+        self.inferencer = inferencer
+        self.scale = scale
+        self.freeze()
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """μ [B] of image i (in [0,1], [B,3,H,W]) with prompt i, as the package computes it."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"hpsv3: {images.shape[0]} images but {len(prompts)} prompts")
+        # The inferencer moves each batch to its own `device`: follow wherever we were moved.
+        self.inferencer.device = self._device
+        pixels = [image * PIXEL_RANGE for image in images]
+        return self.inferencer.reward(pixels, list(prompts))[:, 0]
+
+    def semantic_relative_reward(
+        self, images: torch.Tensor, positive_prompt: str, negative_prompt: str, weight: float
+    ) -> torch.Tensor:
+        """scale · ((1 + w)·μ(x, p) − μ(x, n)) per image, both prompts in one batch."""
+        count = images.shape[0]
+        prompts = [positive_prompt] * count + [negative_prompt] * count
+        mu = self.score(torch.cat([images, images]), prompts)
+        return self.scale * ((1 + weight) * mu[:count] - mu[count:])
+
+
+def _inferencer(
+    checkpoint: Path, config: Path | None, differentiable: bool, command: str | None = None
+) -> Any:
+    """The package's `HPSv3RewardInferencer` on CPU, or one line saying what is wrong."""
+    inference = import_package("hpsv3.inference", ENVIRONMENT, command)
+    config = require_file(config or _published_config(), "HPSv3 config yaml")
+    checkpoint = require_file(checkpoint, f"HPSv3 checkpoint (expected {CHECKPOINT_NAME})")
+    try:
+        return inference.HPSv3RewardInferencer(
+            str(config), str(checkpoint), device="cpu", differentiable=differentiable
+        )
+    except (OSError, ValueError) as error:
+        # OSError: the base model named in the yaml cannot be found; ValueError: bad yaml keys.
+        raise InputError(f"{config}: cannot build HPSv3 from it ({first_line(error)})") from None
+    except RuntimeError as error:
+        # load_state_dict(strict=True) lists every missing and unexpected key.
+        raise InputError(
+            f"{checkpoint}: does not match the model {config} builds ({first_line(error)})"
+        ) from None
+
+
+def load(checkpoint: Path, config: Path | None, scale: float) -> HPSv3Reward:
+    """The HPSv3 training reward from the same files, and the same loader, as `load_metric`;
+    `scale` is `reward.hpsv3_scale` (srpo.config.HPSV3_SCALE says why its default)."""
+    return HPSv3Reward(_inferencer(checkpoint, config, True, TRAIN_COMMAND), scale)
+
+
 def load_metric(checkpoint: Path, config: Path | None = None, batch_size: int = 16) -> HPSv3Metric:
     """HPSv3 from `HPSv3.safetensors` and a config yaml (default: the package's HPSv3_7B.yaml).
 
@@ -123,19 +198,8 @@ def load_metric(checkpoint: Path, config: Path | None = None, batch_size: int = 
     transformers refuses on a CPU-only machine); `load_metric`'s dtype casts afterwards, and the
     published numbers are bf16 ones. The model is built on CPU; `Metric.to` moves it.
     """
-    inference = import_package("hpsv3.inference", ENVIRONMENT)
-    config = require_file(config or _published_config(), "HPSv3 config yaml")
-    checkpoint = require_file(checkpoint, f"HPSv3 checkpoint (expected {CHECKPOINT_NAME})")
-    try:
-        inferencer = inference.HPSv3RewardInferencer(str(config), str(checkpoint), device="cpu")
-    except (OSError, ValueError) as error:
-        # OSError: the base model named in the yaml cannot be found; ValueError: bad yaml keys.
-        raise InputError(f"{config}: cannot build HPSv3 from it ({first_line(error)})") from None
-    except RuntimeError as error:
-        # load_state_dict(strict=True) lists every missing and unexpected key.
-        raise InputError(
-            f"{checkpoint}: does not match the model {config} builds ({first_line(error)})"
-        ) from None
+    inferencer = _inferencer(checkpoint, config, differentiable=False)
+    checkpoint = Path(checkpoint)
     return HPSv3Metric(inferencer, {str(checkpoint): sha256_file(checkpoint)}, batch_size)
 
 

@@ -20,14 +20,16 @@ def first_line(error: BaseException) -> str:
     return str(error).strip().split("\n")[0] or type(error).__name__
 
 
-def import_package(module: str, environment: str) -> ModuleType:
-    """Import a metric package's `module`, or say in one line which environment has it."""
+def import_package(module: str, environment: str, command: str | None = None) -> ModuleType:
+    """Import a metric package's `module`, or say in one line which environment has it and
+    which `command` runs there (default: its `srpo-ENV`)."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
         raise InputError(
             f"{module} cannot be imported here ({first_line(error)}); "
-            f"run with srpo-{environment} after bash envs/metric-env.sh {environment}"
+            f"run with {command or f'srpo-{environment}'} after bash envs/metric-env.sh "
+            f"{environment}"
         ) from None
 
 

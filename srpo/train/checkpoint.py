@@ -2,8 +2,10 @@
 
 A checkpoint is the folder `step-NNNNNNNN/` holding the sharded model + AdamW state written by
 `torch.distributed.checkpoint`, one RNG file per rank, `train_state.json` and
-`provenance.json`. It is written as `.step-NNNNNNNN.partial/` and renamed only when every rank
-has finished, so a run killed mid-write leaves the previous checkpoint as the newest complete one.
+`provenance.json`. The model state is the trainable parameters only: the whole transformer, or
+under `lora` the adapters alone (the frozen base is read again from `base_model`). It is written
+as `.step-NNNNNNNN.partial/` and renamed only when every rank has finished, so a run killed
+mid-write leaves the previous checkpoint as the newest complete one.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from srpo.config import LoraConfig
 from srpo.io import InputError, atomic_path, write_json
+from srpo.train.lora import add_lora, merge_lora, save_lora_weights
 
 STEP_PATTERN = re.compile(r"^step-(\d{8})$")
 TRAIN_STATE = "train_state.json"
@@ -41,14 +49,22 @@ class CheckpointError(InputError):
 
 
 class TrainingState(Stateful):
-    """Model + optimizer as DCP sees them: sharded on save, resharded on load."""
+    """Model + optimizer as DCP sees them: sharded on save, resharded on load.
+
+    Frozen parameters are left out, so a LoRA checkpoint holds the adapters and their AdamW
+    state only. Loading is therefore not strict about the model's keys; DCP itself still fails
+    on a trainable key that the checkpoint lacks.
+    """
+
+    SAVE = StateDictOptions(ignore_frozen_params=True)
+    LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.SAVE)
         return {"model": model_state, "optim": optim_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -57,6 +73,7 @@ class TrainingState(Stateful):
             self.optimizer,
             model_state_dict=state_dict["model"],
             optim_state_dict=state_dict["optim"],
+            options=self.LOAD,
         )
 
 
@@ -163,6 +180,56 @@ class Checkpointer:
         return train_state
 
 
+def _read_model_state(checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
+    """Fill `state` (tensors named as the model's parameters) from a checkpoint's DCP shards."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"app": {"model": state}}, checkpoint_id=str(checkpoint))
+    except (Exception, CheckpointException) as error:
+        reason = _reason(error)
+        raise CheckpointError(f"{checkpoint}: checkpoint is unreadable ({reason})") from None
+
+
+def _lora_of(checkpoint: Path) -> LoraConfig | None:
+    """The run's `lora` section, from the config in the provenance every checkpoint holds."""
+    provenance = checkpoint / "provenance.json"
+    if not provenance.is_file():
+        return None
+    section = json.loads(provenance.read_text()).get("config", {}).get("lora")
+    return None if section is None else LoraConfig.model_validate(section)
+
+
+def _full_transformer(checkpoint: Path, base_model: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The checkpoint's whole transformer, built on the meta device and filled from DCP."""
+    from diffusers import FluxTransformer2DModel
+
+    config = FluxTransformer2DModel.load_config(base_model, subfolder="transformer")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    model_state = {
+        name: torch.empty_like(tensor, device="cpu") for name, tensor in model.state_dict().items()
+    }
+    _read_model_state(checkpoint, model_state)
+    model.load_state_dict({k: v.to(dtype) for k, v in model_state.items()}, assign=True)
+    return model
+
+
+def _adapted_transformer(checkpoint: Path, base_model: str, lora: LoraConfig) -> torch.nn.Module:
+    """The fp32 base transformer with the checkpoint's adapters on it."""
+    from srpo.flux import load_transformer
+
+    model = load_transformer(base_model)
+    add_lora(model, lora, seed=0)  # every adapter weight is then read from the checkpoint
+    parameters = dict(model.named_parameters())
+    state = {name: torch.empty_like(p) for name, p in parameters.items() if p.requires_grad}
+    _read_model_state(checkpoint, state)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor)
+    return model
+
+
 def export_checkpoint(
     checkpoint: Path, base_model: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
@@ -171,33 +238,35 @@ def export_checkpoint(
     (b) is `out_dir/diffusion_pytorch_model.safetensors`, the state dict the released SRPO
     quick start loads with `pipe.transformer.load_state_dict(load_file(...))`. Runs in one
     process without a process group: DCP reads the shards of any world size.
+
+    A LoRA run's checkpoint (its provenance config has a `lora` section) holds only adapters:
+    they go on the base weights and are written as `pytorch_lora_weights.safetensors`, which
+    `pipe.load_lora_weights(out_dir)` loads; with `lora.export_merged` they are also merged in
+    fp32 into (a) and (b).
     """
-    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / ".metadata").is_file():
         raise CheckpointError(f"{checkpoint}: not a complete checkpoint (missing .metadata)")
-    config = FluxTransformer2DModel.load_config(base_model, subfolder="transformer")
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-    model_state = {
-        name: torch.empty_like(tensor, device="cpu") for name, tensor in model.state_dict().items()
-    }
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"app": {"model": model_state}}, checkpoint_id=str(checkpoint))
-    except (Exception, CheckpointException) as error:
-        reason = _reason(error)
-        raise CheckpointError(f"{checkpoint}: checkpoint is unreadable ({reason})") from None
-    model.load_state_dict({k: v.to(dtype) for k, v in model_state.items()}, assign=True)
+    lora = _lora_of(checkpoint)
+    if lora is None:
+        model = _full_transformer(checkpoint, base_model, dtype)
+    else:
+        model = _adapted_transformer(checkpoint, base_model, lora)
     with atomic_path(Path(out_dir)) as staged:
-        model.save_pretrained(staged / "transformer", safe_serialization=True)
-        save_file(
-            {name: tensor.contiguous() for name, tensor in model.state_dict().items()},
-            str(staged / "diffusion_pytorch_model.safetensors"),
-        )
+        if lora is not None:
+            save_lora_weights(model, staged, dtype)
+            merge_lora(model)
+            model.load_state_dict(
+                {k: v.to(dtype) for k, v in model.state_dict().items()}, assign=True
+            )
+        if lora is None or lora.export_merged:
+            model.save_pretrained(staged / "transformer", safe_serialization=True)
+            save_file(
+                {name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+                str(staged / "diffusion_pytorch_model.safetensors"),
+            )
         shutil.copy(checkpoint / "provenance.json", staged / "provenance.json")
         write_json(
             staged / EXPORT_SOURCE, {"checkpoint": checkpoint.name, "step": step_of(checkpoint)}

@@ -33,7 +33,7 @@ from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, mak
 from srpo.flux import vae_scale_factor as scale_of
 from srpo.io import InputError, provenance
 from srpo.rewards import load_reward
-from srpo.train.checkpoint import Checkpointer, TrainingState, ensure_export
+from srpo.train.checkpoint import Checkpointer, TrainingState, ensure_export, step_of
 from srpo.train.data import (
     batch_prompt_numbers,
     derive_seed,
@@ -42,6 +42,8 @@ from srpo.train.data import (
     sample_mid,
     step_noise,
 )
+from srpo.train.evaluate import HeldOutEvaluator, HeldOutWatch, RewardHacking
+from srpo.train.lora import add_lora
 from srpo.train.parallel import DTYPES, DistributedContext, kept_gathered, shard_transformer
 from srpo.train.precision import POLICIES, under_autocast
 from srpo.train.timing import PhaseTimer
@@ -139,7 +141,10 @@ class Trainer:
         self.vae = FrozenVAE(vae, self.geometry)
         self.vae.configure_memory(config.vae_tiling, config.vae_slicing)
         self.reward = load_reward(config.reward.kind, **config.reward.load_arguments()).to(device)
-        transformer = load_transformer(config.base_model).to(device)
+        transformer = load_transformer(config.base_model)
+        if config.lora is not None:
+            add_lora(transformer, config.lora, derive_seed(config.seed, "lora"))
+        transformer = transformer.to(device)
         self.guidance_embeds = bool(transformer.config.guidance_embeds)
         self.model = shard_transformer(
             transformer,
@@ -147,9 +152,10 @@ class Trainer:
             self.precision.transformer_dtype,
             config.activation_checkpointing,
         )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            self.trainable,
             lr=optim.learning_rate,
             betas=optim.betas,
             weight_decay=optim.weight_decay,
@@ -201,10 +207,8 @@ class Trainer:
             weights = {"embeddings": Path(self.config.embeddings)}
             if (base / "transformer").is_dir():
                 weights["transformer"] = base / "transformer"
-            reward = self.config.reward
-            for name in ("checkpoint", "model_path"):
-                value = getattr(reward, name)
-                if value and Path(value).exists():
+            for name, value in self.config.reward.weight_paths().items():
+                if Path(value).exists():  # a hub id is named by the config itself
                     weights[f"reward_{name}"] = Path(value)
             self._provenance = provenance(self.config.to_dict(), weights)
         return self._provenance
@@ -319,9 +323,7 @@ class Trainer:
             stats = self._branches(samples, numbers, cond, noise)
         means = stats.reduce(config.batch_size, device)
         with timer.phase("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), config.optim.max_grad_norm
-            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.optim.max_grad_norm)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             means["grad_norm"] = float(grad_norm)
@@ -361,6 +363,33 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- entry
+def held_out_watch(trainer: Trainer) -> HeldOutWatch:
+    """The held-out evaluation of this run, with the trainer's own models and precision."""
+    evaluator = HeldOutEvaluator(
+        trainer.config.evaluation,
+        trainer.ctx,
+        trainer.reward,
+        trainer.vae,
+        trainer.geometry,
+        trainer.precision,
+        trainer.settings.shift,
+        trainer.guidance_embeds,
+    )
+    return HeldOutWatch(evaluator, trainer.output_dir, trainer.step, trainer.config.max_steps)
+
+
+def _stop_for_collapse(trainer: Trainer, reason: str) -> None:
+    """`evaluation.collapse.stop`: checkpoint this step (unless just saved), then stop."""
+    latest = trainer.checkpointer.latest()
+    if latest is None or step_of(latest) != trainer.step:
+        latest = trainer.save()
+    raise RewardHacking(
+        f"training: reward hacking suspected at step {trainer.step}: {reason}; stopped after "
+        f"saving {latest} (evaluation.collapse.stop); inspect eval.csv and the samples, then "
+        "resume with a smaller learning rate or another reward"
+    )
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -406,6 +435,9 @@ def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = N
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(trainer.output_dir / "tensorboard"))
+        watch = held_out_watch(trainer) if config.evaluation.every else None
+        if watch is not None and watch.due(trainer.step):
+            watch(trainer.model, trainer.step, writer)
         progress, task = _progress(ctx.is_main, config.max_steps, trainer.step)
         stopped: int | None = None
         with progress:
@@ -446,6 +478,10 @@ def train(config: TrainConfig, resume: bool = True, resume_from: Path | None = N
                 if stop_now:
                     stopped = stop.signal or signal.SIGTERM
                     break
+                if watch is not None and watch.due(trainer.step):
+                    reason = watch(trainer.model, trainer.step, writer)
+                    if reason is not None and config.evaluation.collapse.stop:
+                        _stop_for_collapse(trainer, reason)
         if writer is not None:
             writer.close()
         checkpoint = trainer.checkpointer.latest()

@@ -12,9 +12,18 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from support import TRAIN_PROMPTS, assert_ok, kill_tree, run_env, run_srpo, start_srpo
+from support import (
+    TRAIN_PROMPTS,
+    assert_ok,
+    checkpoints,
+    kill_tree,
+    run_env,
+    run_srpo,
+    start_srpo,
+    terminate_once_resumed,
+)
 
-from srpo.train.checkpoint import PAUSE_ENV, Checkpointer
+from srpo.train.checkpoint import PAUSE_ENV
 
 pytestmark = pytest.mark.distributed
 
@@ -25,10 +34,6 @@ def exported(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def base_model(config: Path) -> Path:
     return Path(yaml.safe_load(config.read_text())["base_model"])
-
-
-def checkpoints(run_dir: Path) -> Checkpointer:
-    return Checkpointer(run_dir / "checkpoints", keep_last=3, rank=0)
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -232,16 +237,6 @@ def with_shutdown_timeout(seconds: int) -> tuple[str, ...]:
     """torchrun's `--shutdown-timeout S`: on SIGTERM it forwards the signal to the workers and
     SIGKILLs them S seconds later, as after a Slurm time limit."""
     return ("--shutdown-timeout", str(seconds))
-
-
-def terminate_once_resumed(process: subprocess.Popen) -> str:
-    """SIGTERM to torchrun as soon as rank 0 reports its resume; then wait for the end."""
-    for line in process.stdout:
-        if line.startswith("resumed from"):
-            process.send_signal(signal.SIGTERM)
-            break
-    _, err = process.communicate(timeout=300)
-    return err
 
 
 def test_stop_save_slower_than_the_launcher_window_keeps_a_resumable_checkpoint(

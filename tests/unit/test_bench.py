@@ -74,6 +74,21 @@ def test_literal_baseline_differs_when_its_math_does(bench_config: Path, tmp_pat
     assert changed == pytest.approx(ours + 0.2 / 2, rel=1e-5)  # relu(t − r)/2, r < 0.7
 
 
+def test_lora_variant_trains_adapters_on_the_same_objective(bench_config: Path, tmp_path: Path):
+    """The LoRA row measures the same step: its adapters start as a zero update (B = 0), so
+    step 1's losses are the full run's exactly, with a fraction of the parameters trainable."""
+    figures = {}
+    for variant in ("ours", "ours-lora"):
+        run(variant, bench_config, tmp_path / f"{variant}.json", 0, 1)
+        figures[variant] = json.loads((tmp_path / f"{variant}.json").read_text())
+    full, lora = figures["ours"], figures["ours-lora"]
+    assert full["trainable_parameters"] == full["parameters"]
+    assert 0 < lora["trainable_parameters"] < full["parameters"] / 5
+    assert lora["parameters"] == full["parameters"] + lora["trainable_parameters"]
+    for key in ("loss/denoise", "loss/inversion"):
+        assert lora["records"][0][key] == full["records"][0][key], key
+
+
 def _trained_state(config_path: Path, gather_params: str) -> dict[str, torch.Tensor]:
     config = load_train_config(config_path, {"gather_params": gather_params})
     with DistributedContext.from_environment() as ctx:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,11 +40,40 @@ def test_defaults_are_the_paper_setting(tmp_path):
         ({**MINIMAL, "optim": {"learning_rate": -1}}, "optim.learning_rate: Input should be"),
         ({"base_model": "m", "embeddings": "e"}, "output_dir: required key is missing"),
         ({**MINIMAL, "reward": {"kind": "clip"}}, "reward.kind: Input should be 'hpsv2'"),
+        ({**MINIMAL, "reward": {"kind": "hpsv3"}}, "reward.hpsv3_checkpoint: required for kind"),
+        ({**MINIMAL, "reward": {"kind": "mix"}}, "reward.mix: required for kind 'mix'"),
+        ({**MINIMAL, "reward": {"mix": {"hpsv2": 1}}}, "reward.mix: only for kind 'mix', not"),
+        (
+            {**MINIMAL, "reward": {"kind": "mix", "mix": {"hpsv2": 1, "clip": 1}}},
+            "reward.mix: unknown kind(s) ['clip']; expected some of ['hpsv2', 'pickscore'",
+        ),
+        ({**MINIMAL, "reward": {"kind": "mix", "mix": {}}}, "reward.mix: unknown kind(s) []"),
+        (
+            {**MINIMAL, "reward": {"kind": "mix", "mix": {"hpsv2": 1.0, "pickscore": 0}}},
+            "reward.mix: weights must be positive and finite",
+        ),
+        (
+            {
+                **MINIMAL,
+                "reward": {
+                    "kind": "mix",
+                    "mix": {"hpsv2": 1.0, "pickscore": 0.5},
+                    "checkpoint": "c",
+                },
+            },
+            "reward.model_path: required for kind 'pickscore'",
+        ),
+        ({**MINIMAL, "reward": {"hpsv3_scale": 0}}, "reward.hpsv3_scale: Input should be greater"),
         ({**MINIMAL, "srpo": {"groundtruth_ratio": 2}}, "srpo: SRPOSettings.groundtruth_ratio"),
         ({**MINIMAL, "srpo": {"k": 1}}, "srpo: unknown key(s) ['k']"),
         ({**MINIMAL, "mode": "sometimes"}, "mode: Input should be 'online' or 'offline'"),
         ({**MINIMAL, "param_dtype": "bfloat16"}, "param_dtype: unknown key"),
         ({**MINIMAL, "precision": "bf16"}, "precision: Input should be 'fsdp-bf16', 'autocast"),
+        ({**MINIMAL, "lora": {"rank": 0}}, "lora.rank: Input should be greater than or equal to 1"),
+        ({**MINIMAL, "lora": {"alpha": -1}}, "lora.alpha: Input should be greater than 0"),
+        ({**MINIMAL, "lora": {"dropout": 0.1}}, "lora.dropout: unknown key"),
+        ({**MINIMAL, "lora": {"target_modules": []}}, "lora.target_modules: Tuple should have"),
+        ({**MINIMAL, "lora": "yes"}, "lora: Input should be a valid dictionary"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, payload, message):
@@ -52,6 +82,33 @@ def test_bad_values_name_the_key(tmp_path, payload, message):
         load_train_config(path)
     assert str(error.value).startswith(f"{path}: {message}")
     assert "\n" not in str(error.value)
+
+
+def test_reward_files_of_every_kind(tmp_path):
+    """What provenance hashes and the workflow verifies: each model of a mix, no other keys."""
+    reward = {
+        "kind": "mix",
+        "mix": {"hpsv2": 1.0, "hpsv3": 0.5},
+        "checkpoint": "hps.pt",
+        "model_path": "pick",
+        "hpsv3_checkpoint": "HPSv3.safetensors",
+        "hpsv3_config": "HPSv3.yaml",
+    }
+    config = load_train_config(write(tmp_path, {**MINIMAL, "reward": reward})).reward
+    assert config.weight_paths() == {
+        "checkpoint": "hps.pt",
+        "hpsv3_checkpoint": "HPSv3.safetensors",
+        "hpsv3_config": "HPSv3.yaml",
+    }
+    arguments = config.load_arguments()
+    assert arguments["weights"] == {"hpsv2": 1.0, "hpsv3": 0.5}
+    assert arguments["arguments"]["hpsv3"] == {
+        "checkpoint": Path("HPSv3.safetensors"),
+        "config": Path("HPSv3.yaml"),
+        "scale": 0.025,
+    }
+    alone = config.model_copy(update={"kind": "pickscore", "mix": None})
+    assert alone.weight_paths() == {"model_path": "pick"}
 
 
 def test_unreadable_files(tmp_path):

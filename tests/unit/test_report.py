@@ -147,3 +147,26 @@ def test_unreadable_workflow_config_is_one_line(files, tmp_path):
     with pytest.raises(InputError, match=r"list.yaml: expected a YAML mapping of config keys"):
         write_report(files, "base", tmp_path / "out", configs=[tmp_path / "list.yaml"])
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_curves_join_the_training_curves(tmp_path):
+    """eval/… scalars get panels of their own (a second row), eval/collapse does not."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from srpo.report import TRAINING_PANELS, training_curves
+
+    sizes = {}
+    for name, tags in (
+        ("plain", ["reward/denoise"]),
+        ("watched", ["reward/denoise", "eval/aesthetic", "eval/collapse"]),
+    ):
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in range(3):
+            for tag in tags:
+                writer.add_scalar(tag, 0.1 * step, step)
+        writer.close()
+        path = training_curves({"run": tmp_path / name}, tmp_path / f"{name}.png")
+        sizes[name] = Image.open(path).size
+    assert len(TRAINING_PANELS) == 4
+    assert sizes["watched"][0] == sizes["plain"][0], "the same four columns"
+    assert 1.8 < sizes["watched"][1] / sizes["plain"][1] < 2.2, "one more row: eval/aesthetic"

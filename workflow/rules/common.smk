@@ -188,10 +188,26 @@ def train_settings():
     return settings if isinstance(settings, dict) else {}
 
 
+def held_out_embeddings():
+    """The held-out prompts' embedding cache when the training config evaluates during
+    training (`evaluation.every`), else nothing: `encode_held_out` runs only then."""
+    evaluation = train_settings().get("evaluation") or {}
+    if isinstance(evaluation, dict) and evaluation.get("every"):
+        return f"{OUT}/embeddings-held-out/index.json"
+    return []
+
+
 def train_reward_paths():
-    """The reward weights the training config names (its `reward:` paths)."""
-    reward = train_settings().get("reward") or {}
-    return [value for value in reward.values() if isinstance(value, str)]
+    """The reward weights the training config names (every model of a `mix` too); none if
+    its `reward:` section is invalid: `srpo train` then says why."""
+    from pydantic import ValidationError
+    from srpo.config import RewardConfig
+
+    try:
+        reward = RewardConfig.model_validate(train_settings().get("reward") or {})
+    except ValidationError:
+        return []
+    return list(reward.weight_paths().values())
 
 
 def resources(rule_name, key, fallback=None):

@@ -72,3 +72,35 @@ rule encode_prompts:
         "{params.launch} encode --base-model {params.base} --prompts {input.prompts}"
         " --out-dir {params.folder} --max-sequence-length {params.length}"
         " --batch-size {params.batch} --dtype {params.dtype} {params.verify} > {log} 2>&1"
+
+
+# The evaluation prompts, encoded for the trainer's held-out evaluation (never trained on).
+rule encode_held_out:
+    input:
+        prompts=f"{OUT}/prompts/eval.csv",
+        models=model_files(),
+    output:
+        index=f"{OUT}/embeddings-held-out/index.json",
+    log:
+        f"{OUT}/logs/encode_held_out.log",
+    benchmark:
+        f"{OUT}/benchmarks/encode_held_out.tsv"
+    container:
+        image_of("encode_prompts")
+    resources:
+        mem_mb=resources("encode_prompts", "mem_mb"),
+        runtime=resources("encode_prompts", "runtime"),
+        cpus_per_task=resources("encode_prompts", "cpus"),
+        gpu=resources("encode_prompts", "gpu"),
+    params:
+        base=base_model(),
+        verify=verify_options(base_model()),
+        launch=launcher(resources("encode_prompts", "gpu")),
+        folder=lambda wildcards, output: os.path.dirname(output.index),
+        length=config["encode"]["max_sequence_length"],
+        batch=config["encode"].get("batch_size", 8),
+        dtype=config["encode"].get("dtype", "float32"),
+    shell:
+        "{params.launch} encode --base-model {params.base} --prompts {input.prompts}"
+        " --out-dir {params.folder} --max-sequence-length {params.length}"
+        " --batch-size {params.batch} --dtype {params.dtype} {params.verify} > {log} 2>&1"

@@ -1,6 +1,7 @@
 rule train_srpo:
     input:
         embeddings=f"{OUT}/embeddings/index.json",
+        held_out=held_out_embeddings(),
         config=config["train"]["config"],
         models=model_files(),
     output:
@@ -24,7 +25,11 @@ rule train_srpo:
         base=base_model(),
         verify=verify_options(base_model(), *train_reward_paths()),
         folder=lambda wildcards, output: os.path.dirname(os.path.dirname(output.model)),
+        held_out=lambda wildcards, input: (
+            f"--eval-embeddings {input.held_out}" if input.held_out else ""
+        ),
     shell:
         "{params.launch} train --config {input.config} --base-model {params.base}"
-        " --embeddings {input.embeddings} --output-dir {params.folder} {params.verify}"
+        " --embeddings {input.embeddings} {params.held_out} --output-dir {params.folder}"
+        " {params.verify}"
         " > {log} 2>&1"

@@ -1,0 +1,253 @@
+"""Held-out evaluation during training, and the guard against reward hacking.
+
+Every `evaluation.every` steps the trainer samples a fixed set of held-out prompts (each with
+the same noise every time, so the curve follows the model, not the draw), rank-sharded, and
+scores the images with metrics the run does not train on — the very `srpo score` metrics — and
+with the training reward itself. The means go to TensorBoard (`eval/…`) and `eval.csv`.
+
+Reward hacking has a signature: the training reward keeps rising while an independent judge of
+the same images falls. `collapse_reason` names it when a watched metric has dropped more than its
+margin below its best evaluation so far while the held-out training reward stands above its value
+at that evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from diffusers.image_processor import VaeImageProcessor
+
+from srpo.algorithm import euler_rollout, sigma_schedule
+from srpo.config import EvaluationConfig
+from srpo.encode import EmbeddingCache
+from srpo.flux import FrozenVAE, LatentGeometry, make_velocity
+from srpo.io import InputError, atomic_path
+from srpo.rewards.base import Reward
+from srpo.rewards.metric import load_metric
+from srpo.train.data import derive_seed
+from srpo.train.parallel import DistributedContext, kept_gathered
+from srpo.train.precision import PrecisionPolicy, under_autocast
+
+EVAL_CSV = "eval.csv"
+REWARD_COLUMN = "train_reward"
+EXIT_COLLAPSED = 4
+"""Exit status when the collapse guard stops a run (`evaluation.collapse.stop`)."""
+
+
+class RewardHacking(RuntimeError):
+    """The collapse guard stopped the run; the message says which metric fell and by how much."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Means over the held-out images at one step."""
+
+    step: int
+    reward: float
+    metrics: dict[str, float]
+
+    def row(self, images: int, seconds: float) -> dict[str, float | int]:
+        return {
+            "step": self.step,
+            REWARD_COLUMN: self.reward,
+            **self.metrics,
+            "images": images,
+            "seconds": round(seconds, 3),
+        }
+
+
+def collapse_reason(history: Sequence[Evaluation], margins: dict[str, float]) -> str | None:
+    """Why the newest evaluation looks like reward hacking, or None.
+
+    For each watched metric: its best earlier evaluation b; collapse when the newest value is
+    more than `margin` below b's while the held-out training reward is above b's.
+    """
+    if len(history) < 2:
+        return None
+    now = history[-1]
+    for name, margin in sorted(margins.items()):
+        best = max(history[:-1], key=lambda evaluation: evaluation.metrics[name])
+        drop = best.metrics[name] - now.metrics[name]
+        if drop > margin and now.reward > best.reward:
+            return (
+                f"{name} fell from {best.metrics[name]:.4g} (step {best.step}) to "
+                f"{now.metrics[name]:.4g} (step {now.step}), more than its margin {margin:g}, "
+                f"while the held-out training reward rose from {best.reward:.4g} to "
+                f"{now.reward:.4g}"
+            )
+    return None
+
+
+class EvalLog:
+    """`eval.csv` of one run: rewritten whole (atomically) after each evaluation; on resume,
+    rows after the resumed step are dropped, since those steps are trained again."""
+
+    def __init__(self, path: Path, resumed_step: int, metrics: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.metrics = list(metrics)
+        self.rows: list[dict] = []
+        if self.path.is_file():
+            frame = pd.read_csv(self.path)
+            missing = {"step", REWARD_COLUMN, *self.metrics} - set(frame.columns)
+            if missing:
+                raise InputError(
+                    f"{self.path}: lacks column(s) {sorted(missing)} of evaluation.metrics; "
+                    "move it away to start a new log"
+                )
+            if resumed_step > 0:  # a fresh run starts a fresh log
+                self.rows = frame[frame["step"] <= resumed_step].to_dict("records")
+
+    @property
+    def history(self) -> list[Evaluation]:
+        return [
+            Evaluation(
+                int(row["step"]),
+                float(row[REWARD_COLUMN]),
+                {name: float(row[name]) for name in self.metrics},
+            )
+            for row in self.rows
+        ]
+
+    def has(self, step: int) -> bool:
+        return any(int(row["step"]) == step for row in self.rows)
+
+    def append(self, row: dict, write: bool = True) -> None:
+        """Every rank keeps the rows (the guard's verdict must agree); one writes the file."""
+        self.rows.append(row)
+        if write:
+            with atomic_path(self.path) as staged:
+                pd.DataFrame(self.rows).to_csv(staged, index=False)
+
+
+class HeldOutEvaluator:
+    """Samples the held-out prompts with the model being trained and scores them (collective:
+    every rank calls it; rank r takes prompts r, r + W, …, padded so that every rank runs the
+    same forwards)."""
+
+    def __init__(
+        self,
+        config: EvaluationConfig,
+        ctx: DistributedContext,
+        reward: Reward,
+        vae: FrozenVAE,
+        geometry: LatentGeometry,
+        precision: PrecisionPolicy,
+        shift: float,
+        guidance_embeds: bool,
+    ) -> None:
+        self.config, self.ctx, self.reward = config, ctx, reward
+        self.vae, self.geometry, self.precision = vae, geometry, precision
+        self.guidance_embeds = guidance_embeds
+        self.cache = EmbeddingCache(Path(config.embeddings))
+        total = len(self.cache)
+        self.total = min(total, config.max_prompts or total)
+        self.numbers = list(range(ctx.rank, self.total, ctx.world_size))
+        slots = math.ceil(self.total / ctx.world_size)
+        self.padded = self.numbers + [0] * (slots - len(self.numbers))
+        self.sigmas = sigma_schedule(config.steps, shift)
+        self.metrics = {
+            name: load_metric(name, ctx.device, torch.float32, config.batch_size, **paths)
+            for name, paths in sorted(config.metrics.items())
+        }
+
+    def _noise(self) -> torch.Tensor:
+        """Held-out prompt i gets the same noise at every evaluation and on any world size."""
+        return torch.cat(
+            [
+                torch.randn(
+                    self.geometry.token_shape(1),
+                    generator=torch.Generator().manual_seed(
+                        derive_seed(self.config.seed, "eval", number)
+                    ),
+                )
+                for number in self.padded
+            ]
+        ).to(self.ctx.device)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, step: int) -> tuple[Evaluation, float]:
+        """The evaluation of `model` at `step` (same on every rank) and its seconds."""
+        started = time.perf_counter()
+        device = self.ctx.device
+        cond = self.cache.get(self.padded).to(device, torch.float32)
+        velocity = make_velocity(
+            model,
+            self.geometry,
+            cond.prompt_embeds,
+            cond.pooled_prompt_embeds,
+            cond.text_ids,
+            self.config.guidance,
+            self.guidance_embeds,
+        )
+        velocity = under_autocast(velocity, self.precision.transformer_autocast, device)
+        with kept_gathered(model):
+            latents = euler_rollout(velocity, self._noise(), self.sigmas)
+        decode = under_autocast(self.vae.decode, self.precision.vae_autocast, device)
+        kept = len(self.numbers)
+        images = decode(latents)[:kept].float()
+        captions = cond.captions[:kept]
+        sums = [float(self.reward.score(images, captions).sum()) if kept else 0.0]
+        pictures = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.cpu()))
+        for metric in self.metrics.values():
+            sums.append(sum(metric.score(pictures, captions)) if kept else 0.0)
+        totals = torch.tensor(sums, dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        means = [float(total) / self.total for total in totals]
+        metrics = dict(zip(self.metrics, means[1:], strict=True))
+        return Evaluation(step, means[0], metrics), time.perf_counter() - started
+
+
+class HeldOutWatch:
+    """When to evaluate, where the figures go, and what the collapse guard concludes."""
+
+    def __init__(
+        self,
+        evaluator: HeldOutEvaluator,
+        output_dir: Path,
+        resumed_step: int,
+        max_steps: int,
+    ) -> None:
+        self.evaluator = evaluator
+        self.config = evaluator.config
+        self.max_steps = max_steps
+        self.log = EvalLog(Path(output_dir) / EVAL_CSV, resumed_step, sorted(self.config.metrics))
+
+    def due(self, step: int) -> bool:
+        """Step 0 (the base model), every `every` steps and the last; never twice."""
+        periodic = step % self.config.every == 0 or step == self.max_steps
+        return periodic and not self.log.has(step)
+
+    def __call__(self, model: torch.nn.Module, step: int, writer) -> str | None:
+        """Evaluate (collective), log on rank 0, and return the collapse guard's reason."""
+        evaluation, seconds = self.evaluator(model, step)
+        history = [*self.log.history, evaluation]
+        reason = collapse_reason(history, self.config.collapse.margins)
+        self.log.append(evaluation.row(self.evaluator.total, seconds), self.evaluator.ctx.is_main)
+        if self.evaluator.ctx.is_main:
+            if writer is not None:
+                writer.add_scalar(f"eval/{REWARD_COLUMN}", evaluation.reward, step)
+                for name, value in evaluation.metrics.items():
+                    writer.add_scalar(f"eval/{name}", value, step)
+                writer.add_scalar("eval/collapse", float(reason is not None), step)
+                writer.flush()
+            scores = " ".join(f"{name}={value:.4f}" for name, value in evaluation.metrics.items())
+            print(
+                f"eval step {step}: {REWARD_COLUMN}={evaluation.reward:.4f} {scores} "
+                f"({self.evaluator.total} held-out images, {seconds:.1f}s)",
+                flush=True,
+            )
+            if reason is not None:
+                print(
+                    f"WARNING: reward hacking suspected at step {step}: {reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return reason
