@@ -192,7 +192,9 @@ class EvaluationConfig(_Section):
 
         for name in self.metrics:
             if name not in METRICS:
-                raise ValueError(f"metrics.{name}: unknown metric; expected one of {METRICS}")
+                raise ValueError(
+                    f"metrics.{name}: unknown metric; expected one of {', '.join(METRICS)}"
+                )
         for name in self.collapse.margins:
             if name not in self.metrics:
                 raise ValueError(

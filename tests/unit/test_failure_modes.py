@@ -75,6 +75,12 @@ def bad_inputs(tmp_path_factory, tiny_models):
         "nockpt.yaml": {"reward": {"kind": "hpsv2"}},
         "noembed.yaml": {},
         "lr.yaml": {"optim": {"learning_rate": -1.0}},
+        "watch.yaml": {"evaluation": {"metrics": {"clipscore": {}}}},
+        "margin.yaml": {
+            "evaluation": {**base["evaluation"], "collapse": {"margins": {"hpsv3": 1}}}
+        },
+        "mix.yaml": {"reward": {"kind": "mix"}},
+        "lora.yaml": {"lora": {"rank": 0}},
     }
     for name, changes in configs.items():
         (d / name).write_text(yaml.safe_dump({**base, **changes}))
