@@ -164,13 +164,21 @@ class Checkpointer:
         for partial in self.root.glob(".step-*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
 
-    def load(self, path: Path, state: TrainingState) -> dict:
-        """Restore model, optimizer and this rank's RNG; return the saved train state."""
+    def train_state(self, path: Path) -> dict:
+        """A complete checkpoint's `train_state.json`, read before any tensor is."""
         path = Path(path)
         if not (path / TRAIN_STATE).is_file() or not (path / ".metadata").is_file():
             raise CheckpointError(f"{path}: not a complete checkpoint (missing {TRAIN_STATE})")
         try:
-            train_state = json.loads((path / TRAIN_STATE).read_text())
+            return json.loads((path / TRAIN_STATE).read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{path}: checkpoint is unreadable ({_reason(error)})") from None
+
+    def load(self, path: Path, state: TrainingState) -> dict:
+        """Restore model, optimizer and this rank's RNG; return the saved train state."""
+        path = Path(path)
+        train_state = self.train_state(path)
+        try:
             dcp.load({"app": state}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as error:
             raise CheckpointError(f"{path}: checkpoint is unreadable ({_reason(error)})") from None

@@ -183,6 +183,7 @@ class Trainer:
             "seed": self.config.seed,
             "world_size": self.ctx.world_size,
             "bad_in_row": self.bad_in_row,
+            "lora": self.config.lora.model_dump(mode="json") if self.config.lora else None,
         }
 
     def resume(self, checkpoint: Path | None = None) -> Path | None:
@@ -190,13 +191,14 @@ class Trainer:
         path = checkpoint or self.checkpointer.latest()
         if path is None:
             return None
-        saved = self.checkpointer.load(path, self.state)
-        for key in ("batch_size", "seed"):
-            if saved.get(key) != getattr(self.config, key):
+        saved, current = self.checkpointer.train_state(path), self.train_state()
+        for key in ("batch_size", "seed", "lora"):
+            if saved.get(key) != current[key]:
                 raise InputError(
                     f"{path}: checkpoint was written with {key}={saved.get(key)}, the config "
-                    f"says {getattr(self.config, key)}; resume needs the same value"
+                    f"says {current[key]}; resume needs the same value"
                 )
+        saved = self.checkpointer.load(path, self.state)
         self.step = int(saved["step"])
         self.bad_in_row = int(saved.get("bad_in_row", 0))
         return path

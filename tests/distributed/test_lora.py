@@ -163,3 +163,22 @@ def test_export_without_merge_holds_the_adapters_alone(runs, tiny_models, tmp_pa
 def test_unknown_target_module_is_one_line(tiny_flux):
     with pytest.raises(InputError, match=r"^lora.target_modules: 'to_qkv' names no module"):
         add_lora(load_transformer(str(tiny_flux)), LoraConfig(target_modules=("to_qkv",)), 0)
+
+
+def test_resume_with_another_lora_section_is_one_line(runs, tiny_models, tiny_cache, tmp_path):
+    """A LoRA checkpoint resumed as full fine-tuning (or another rank) stops before any tensor
+    is read, naming both settings."""
+    shutil.copytree(runs / "one" / "checkpoints", tmp_path / "changed" / "checkpoints")
+    for lora in (None, {"rank": 8}):
+        config = tiny_config(tiny_models, tiny_cache, tmp_path / "changed", max_steps=STEPS + 1)
+        config["lora"] = lora
+        path = tmp_path / "changed.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = run_srpo(path, None)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, result.stderr[-2000:]
+        assert f"step-{STEPS:08d}: checkpoint was written with lora={{'alpha': 8" in lines[0]
+        assert "'rank': 4" in lines[0]
+        assert f"the config says {'None' if lora is None else '{'}" in lines[0]
+        assert "resume needs the same value" in lines[0]
