@@ -54,14 +54,9 @@ class Evaluation:
     reward: float
     metrics: dict[str, float]
 
-    def row(self, images: int, seconds: float) -> dict[str, float | int]:
-        return {
-            "step": self.step,
-            REWARD_COLUMN: self.reward,
-            **self.metrics,
-            "images": images,
-            "seconds": round(seconds, 3),
-        }
+    def row(self, images: int) -> dict[str, float | int]:
+        """A line of eval.csv: figures only, no timing, so a re-run writes the same bytes."""
+        return {"step": self.step, REWARD_COLUMN: self.reward, **self.metrics, "images": images}
 
 
 def collapse_reason(history: Sequence[Evaluation], margins: dict[str, float]) -> str | None:
@@ -230,7 +225,7 @@ class HeldOutWatch:
         evaluation, seconds = self.evaluator(model, step)
         history = [*self.log.history, evaluation]
         reason = collapse_reason(history, self.config.collapse.margins)
-        self.log.append(evaluation.row(self.evaluator.total, seconds), self.evaluator.ctx.is_main)
+        self.log.append(evaluation.row(self.evaluator.total), self.evaluator.ctx.is_main)
         if self.evaluator.ctx.is_main:
             if writer is not None:
                 writer.add_scalar(f"eval/{REWARD_COLUMN}", evaluation.reward, step)

@@ -49,7 +49,7 @@ def test_eval_log_keeps_rows_up_to_the_resumed_step(tmp_path):
     path = tmp_path / "eval.csv"
     log = EvalLog(path, 0, ["aesthetic"])
     for step, reward, value in ((0, 0.1, 4.0), (2, 0.2, 4.1), (4, 0.3, 4.2)):
-        log.append(Evaluation(step, reward, {"aesthetic": value}).row(3, 1.0))
+        log.append(Evaluation(step, reward, {"aesthetic": value}).row(3))
     resumed = EvalLog(path, 2, ["aesthetic"])
     assert [e.step for e in resumed.history] == [0, 2]
     assert resumed.has(2) and not resumed.has(4)
@@ -60,7 +60,7 @@ def test_eval_log_keeps_rows_up_to_the_resumed_step(tmp_path):
 
 def test_eval_log_of_other_metrics_is_refused(tmp_path):
     path = tmp_path / "eval.csv"
-    EvalLog(path, 0, ["aesthetic"]).append(Evaluation(0, 0.1, {"aesthetic": 4.0}).row(3, 1.0))
+    EvalLog(path, 0, ["aesthetic"]).append(Evaluation(0, 0.1, {"aesthetic": 4.0}).row(3))
     with pytest.raises(InputError, match=r"eval.csv: lacks column\(s\) \['pickscore'\]"):
         EvalLog(path, 2, ["aesthetic", "pickscore"])
 
