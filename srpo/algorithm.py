@@ -14,8 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-"""velocity(x, sigma) -> v ≈ ε − x₀, sigma the exact (unquantised) noise level."""
+Velocity = Callable[[torch.Tensor, float | list[float]], torch.Tensor]
+"""velocity(x, sigma) -> v ≈ ε − x₀, sigma the exact (unquantised) noise level: one for every
+row of x, or a list of one per row."""
 Decode = Callable[[torch.Tensor], torch.Tensor]
 """decode(latents) -> image in [0, 1], differentiable."""
 Reward = Callable[[torch.Tensor, str, str, float], torch.Tensor]
@@ -192,9 +193,19 @@ def direct_align(
 
     x = σ_in·ε + (1 − σ_in)·x₀;  x' = x + (σ_out − σ_in)·v(x, σ_in);
     x̂₀ = (x' − σ_out·ε) / (1 − σ_out).
+
+    The sigmas are either scalars (every row of x₀ at the same levels) or one per row, so that
+    several branches, each with its own levels, take their model step in one call: every row's
+    arithmetic is the same as alone, only the model sees a larger batch.
     """
+    if sigma_inject.dim() == 0:
+        sigma = float(sigma_inject)
+    else:
+        sigma = [float(s) for s in sigma_inject]
+        rows = (-1,) + (1,) * (x0.dim() - 1)
+        sigma_inject, sigma_target = sigma_inject.reshape(rows), sigma_target.reshape(rows)
     x = sigma_inject * noise + (1 - sigma_inject) * x0
-    x_next = x + (sigma_target - sigma_inject) * velocity(x, float(sigma_inject))
+    x_next = x + (sigma_target - sigma_inject) * velocity(x, sigma)
     return (x_next - sigma_target * noise) / (1 - sigma_target)
 
 
@@ -210,18 +221,16 @@ class BranchOutput(NamedTuple):
     reward: torch.Tensor
 
 
-def branch_loss(
+def branch_reward_loss(
     branch: Branch,
-    velocity: Velocity,
     decode: Decode,
     reward: Reward,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
+    x0_hat: torch.Tensor,
     prompts: tuple[str, str],
     settings: SRPOSettings,
 ) -> BranchOutput:
-    """relu(threshold − r) / 2 for one branch; the inversion branch swaps the prompts' roles."""
-    x0_hat = direct_align(velocity, x0, noise, branch.sigma_inject, branch.sigma_target)
+    """relu(threshold − r) / 2 of a branch's recovered x̂₀; the inversion branch swaps the
+    prompts' roles."""
     image = decode(x0_hat)
     positive, negative = prompts if branch.positive_first else prompts[::-1]
     rewards = reward(image, positive, negative, branch.weight)
@@ -242,14 +251,15 @@ def srpo_losses(
 ) -> dict[str, torch.Tensor]:
     """Both Direct-Align branches of one sample: {"denoise": loss, "inversion": loss}.
 
-    Each loss is already divided by 2 (the two branches accumulate into one update). The
-    trainer calls `branch_loss` itself so it can backward the first branch before building
-    the second; this function is the same computation in one call.
+    Each loss is already divided by 2 (the two branches accumulate into one update). This is
+    the reference computation, one branch after the other; the trainer computes the same
+    losses with the model steps of several branches batched (`direct_align` per row).
     """
     prompts = control_prompts(caption, step, settings)
-    return {
-        branch.name: branch_loss(
-            branch, velocity, decode, reward, x0, noise, prompts, settings
+    losses = {}
+    for branch in plan_branches(mid, settings):
+        x0_hat = direct_align(velocity, x0, noise, branch.sigma_inject, branch.sigma_target)
+        losses[branch.name] = branch_reward_loss(
+            branch, decode, reward, x0_hat, prompts, settings
         ).loss
-        for branch in plan_branches(mid, settings)
-    }
+    return losses

@@ -281,6 +281,13 @@ class TrainConfig(_Section):
         "through the whole step (also the branches' forward and backward; full parameters in "
         "memory while the gradients are), or one forward (FSDP2's default)",
     )
+    fuse_branches: bool = Field(
+        True,
+        description="the two Direct-Align branches of a sample take their model step in one "
+        "transformer call of batch 2 (half the branches' all-gathers and reduce-scatters, twice "
+        "the rows per matmul; the transformer's activations of both at once); false: one call "
+        "per branch. Decode and reward run one branch at a time either way",
+    )
     vae_tiling: bool = False
     vae_slicing: bool = False
     checkpoint_every: int = Field(10, ge=1, description="steps between DCP checkpoints")

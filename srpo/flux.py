@@ -89,7 +89,8 @@ def make_velocity(
     guidance: float,
     guidance_embeds: bool,
 ) -> Velocity:
-    """velocity(x, σ) for a batch of prompts: x [B, N, 64] → v [B, N, 64] in x's dtype.
+    """velocity(x, σ) for a batch of prompts: x [B, N, 64] → v [B, N, 64] in x's dtype; σ is
+    one level for the batch or a list of one per row.
 
     σ enters the transformer quantised to 1/1000 (diffusers scales timestep and guidance by 1000
     internally, exactly as FluxPipeline calls it); `transformer` may be an FSDP2 module.
@@ -103,8 +104,11 @@ def make_velocity(
         else None
     )
 
-    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        timestep = torch.full((batch,), quantise_timestep(sigma), device=device, dtype=x.dtype)
+    def velocity(x: torch.Tensor, sigma: float | list[float]) -> torch.Tensor:
+        levels = [sigma] * batch if isinstance(sigma, float | int) else sigma
+        timestep = torch.tensor(
+            [quantise_timestep(level) for level in levels], device=device, dtype=x.dtype
+        )
         prediction = transformer(
             hidden_states=x,
             timestep=timestep,

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -21,8 +22,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from srpo.algorithm import (
-    branch_loss,
+    Branch,
+    branch_reward_loss,
     control_prompts,
+    direct_align,
     euler_rollout,
     plan_branches,
     sigma_schedule,
@@ -268,46 +271,77 @@ class Trainer:
     def _branches(
         self, samples: range, numbers: list[int], cond: Conditioning, noise: torch.Tensor
     ) -> StepStats:
-        """Rollout of the local samples, then both branches of each, gradients accumulated."""
-        config, timer, precision, device = self.config, self.timer, self.precision, self.ctx.device
+        """Rollout of the local samples, then both branches of each, gradients accumulated.
+
+        With `fuse_branches` the two branches of a sample take their model step in one
+        transformer call of batch 2 (per sample, so that the arithmetic of a sample does not
+        depend on how many share a rank); otherwise one call per branch. Either way each
+        branch's decode and reward run alone and are backpropagated at once to its x̂₀ (the
+        frozen VAE and reward hold no gradients), then one transformer backward takes the
+        call's x̂₀ gradients: the memory of one branch's decode, the all-gathers of one forward
+        and one backward per call."""
         x0 = self._x0(samples, numbers, cond, noise)
+        stats = StepStats()
+        for row, sample in enumerate(samples):
+            mid = sample_mid(self.config.seed, self.step, sample, self.settings)
+            prompts = control_prompts(cond.captions[row], self.step, self.settings)
+            branches = plan_branches(mid, self.settings)
+            calls = [branches] if self.config.fuse_branches else [[b] for b in branches]
+            for call in calls:
+                self._branch_call(row, call, prompts, x0, cond, noise, stats)
+        return stats
+
+    def _branch_call(
+        self,
+        row: int,
+        branches: Sequence[Branch],
+        prompts: tuple[str, str],
+        x0: torch.Tensor,
+        cond: Conditioning,
+        noise: torch.Tensor,
+        stats: StepStats,
+    ) -> None:
+        """`branches` of local sample `row`: one model call, then each branch's loss and its
+        backward to x̂₀, then the transformer's backward."""
+        timer, precision, device = self.timer, self.precision, self.ctx.device
+        rows = [row] * len(branches)
+        velocity = make_velocity(
+            self.model,
+            self.geometry,
+            cond.prompt_embeds[rows],
+            cond.pooled_prompt_embeds[rows],
+            cond.text_ids,
+            self.config.train_guidance,
+            self.guidance_embeds,
+        )
+        velocity = under_autocast(velocity, precision.transformer_autocast, device)
         decode = under_autocast(self.vae.decode, precision.vae_autocast, device)
         reward = under_autocast(
             self.reward.semantic_relative_reward, precision.reward_autocast, device
         )
-        stats = StepStats()
-        for row, sample in enumerate(samples):
-            mid = sample_mid(config.seed, self.step, sample, self.settings)
-            prompts = control_prompts(cond.captions[row], self.step, self.settings)
-            velocity = make_velocity(
-                self.model,
-                self.geometry,
-                cond.prompt_embeds[row : row + 1],
-                cond.pooled_prompt_embeds[row : row + 1],
-                cond.text_ids,
-                config.train_guidance,
-                self.guidance_embeds,
+        inject = torch.stack([branch.sigma_inject for branch in branches])
+        target = torch.stack([branch.sigma_target for branch in branches])
+        with timer.phase("branch_forward"):
+            x0_hat = direct_align(velocity, x0[rows], noise, inject, target)
+        recovered = x0_hat.detach().requires_grad_()
+        for index, branch in enumerate(branches):
+            output = branch_reward_loss(
+                branch,
+                timer.wrap("vae_decode", decode),
+                timer.wrap("reward", reward),
+                recovered[index : index + 1],
+                prompts,
+                self.settings,
             )
-            velocity = under_autocast(velocity, precision.transformer_autocast, device)
-            for branch in plan_branches(mid, self.settings):
-                output = branch_loss(
-                    branch,
-                    timer.wrap("branch_forward", velocity),
-                    timer.wrap("vae_decode", decode),
-                    timer.wrap("reward", reward),
-                    x0[row : row + 1],
-                    noise,
-                    prompts,
-                    self.settings,
-                )
-                loss = output.loss
-                if self.step in self.poisoned_steps:
-                    loss = loss * float("nan")
-                with timer.phase("backward"):
-                    (loss / self.local_batch).backward()
-                stats.add(f"loss/{branch.name}", float(loss.detach()))
-                stats.add(f"reward/{branch.name}", float(output.reward.detach().mean()))
-        return stats
+            loss = output.loss
+            if self.step in self.poisoned_steps:
+                loss = loss * float("nan")
+            with timer.phase("backward"):
+                (loss / self.local_batch).backward()
+            stats.add(f"loss/{branch.name}", float(loss.detach()))
+            stats.add(f"reward/{branch.name}", float(output.reward.detach().mean()))
+        with timer.phase("backward"):
+            x0_hat.backward(recovered.grad)
 
     def train_step(self) -> dict[str, float]:
         """Advance self.step by one optimizer update; returns global means for logging (and

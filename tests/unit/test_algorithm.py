@@ -139,6 +139,51 @@ def test_direct_align_by_hand():
     assert seen == [pytest.approx(0.8)]
 
 
+def test_direct_align_per_row_levels_by_hand():
+    """Two branches in one model call: each row at its own levels, the model called once with
+    one σ per row."""
+    x0 = torch.tensor([[1.0, 1.0], [0.0, 2.0]])
+    noise = torch.tensor([[2.0, 2.0]])  # shared by the rows, as the rollout's ε is
+    seen = []
+
+    def velocity(x, sigma):
+        seen.append(sigma)
+        return torch.full_like(x, 0.5)
+
+    inject, target = torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.75])
+    out = direct_align(velocity, x0, noise, inject, target)
+    # row 0 as in test_direct_align_by_hand: 1.25
+    # row 1: x = .5·2 + .5·(0, 2) = (1, 2); x' = x + .25·.5 = (1.125, 2.125);
+    #        x̂₀ = (x' − .75·2) / .25 = (−1.5, 2.5)
+    torch.testing.assert_close(out, torch.tensor([[1.25, 1.25], [-1.5, 2.5]]))
+    assert seen == [[pytest.approx(0.8), pytest.approx(0.5)]]
+
+
+def test_direct_align_rows_equal_one_branch_at_a_time():
+    """Batching the branches changes nothing in a row's arithmetic (a row-wise model)."""
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, generator=generator), torch.randn(1, 3, 4, generator=generator)
+    weight = torch.randn(4, 4, generator=generator)
+
+    def velocity(x, sigma):
+        levels = torch.tensor(sigma if isinstance(sigma, list) else [sigma] * len(x))
+        return x @ weight * levels.reshape(-1, 1, 1)
+
+    branches = plan_branches(400, SRPOSettings())
+    together = direct_align(
+        velocity,
+        x0,
+        noise,
+        torch.stack([b.sigma_inject for b in branches]),
+        torch.stack([b.sigma_target for b in branches]),
+    )
+    for row, branch in enumerate(branches):
+        alone = direct_align(
+            velocity, x0[row : row + 1], noise, branch.sigma_inject, branch.sigma_target
+        )
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=1e-6, atol=1e-7)
+
+
 def test_control_prompts_cycle_with_step():
     settings = SRPOSettings()
     assert control_prompts("a cat", 1, settings) == ("Detail. a cat", "Painting. a cat")
