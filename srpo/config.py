@@ -277,7 +277,8 @@ class TrainConfig(_Section):
     gather_params: Literal["rollout", "step", "forward"] = Field(
         "rollout",
         description="how long an FSDP2 block keeps its all-gathered parameters: through the "
-        "no-grad rollout (one gather instead of 25; full parameters, no gradients, in memory), "
+        "no-grad rollout and the first branch call's forward (one gather instead of 26; full "
+        "parameters, no gradients, in memory; freed before the VAE decode), "
         "through the whole step (also the branches' forward and backward; full parameters in "
         "memory while the gradients are), or one forward (FSDP2's default)",
     )

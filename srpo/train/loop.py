@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,14 @@ class StopRequested:
         if self.received_at is None:
             return grace
         return grace - (time.monotonic() - self.received_at)
+
+
+class BranchCall(NamedTuple):
+    """Branches of local sample `row` that take their model step in one transformer call."""
+
+    row: int
+    branches: Sequence[Branch]
+    prompts: tuple[str, str]
 
 
 @dataclass
@@ -264,8 +273,7 @@ class Trainer:
             self.guidance_embeds,
         )
         velocity = under_autocast(velocity, self.precision.transformer_autocast, self.ctx.device)
-        gathered = kept_gathered(self.model, self.config.gather_params == "rollout")
-        with torch.no_grad(), gathered, self.timer.phase("rollout"):
+        with torch.no_grad(), self.timer.phase("rollout"):
             return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
 
     def _branches(
@@ -279,32 +287,33 @@ class Trainer:
         branch's decode and reward run alone and are backpropagated at once to its x̂₀ (the
         frozen VAE and reward hold no gradients), then one transformer backward takes the
         call's x̂₀ gradients: the memory of one branch's decode, the all-gathers of one forward
-        and one backward per call."""
-        x0 = self._x0(samples, numbers, cond, noise)
-        stats = StepStats()
+        and one backward per call.
+
+        Under `gather_params: rollout` the parameters gathered for the rollout also serve the
+        first call's forward and are freed before its decode: no gradient exists yet, so this
+        adds nothing to the rollout's peak and saves that forward's all-gather."""
+        calls = []
         for row, sample in enumerate(samples):
-            mid = sample_mid(self.config.seed, self.step, sample, self.settings)
+            branches = plan_branches(
+                sample_mid(self.config.seed, self.step, sample, self.settings), self.settings
+            )
             prompts = control_prompts(cond.captions[row], self.step, self.settings)
-            branches = plan_branches(mid, self.settings)
-            calls = [branches] if self.config.fuse_branches else [[b] for b in branches]
-            for call in calls:
-                self._branch_call(row, call, prompts, x0, cond, noise, stats)
+            fused = [branches] if self.config.fuse_branches else [[b] for b in branches]
+            calls.extend(BranchCall(row, call, prompts) for call in fused)
+        stats = StepStats()
+        with kept_gathered(self.model, self.config.gather_params == "rollout"):
+            x0 = self._x0(samples, numbers, cond, noise)
+            first = self._branch_forward(calls[0], x0, cond, noise)
+        self._branch_backward(calls[0], first, stats)
+        for call in calls[1:]:
+            self._branch_backward(call, self._branch_forward(call, x0, cond, noise), stats)
         return stats
 
-    def _branch_call(
-        self,
-        row: int,
-        branches: Sequence[Branch],
-        prompts: tuple[str, str],
-        x0: torch.Tensor,
-        cond: Conditioning,
-        noise: torch.Tensor,
-        stats: StepStats,
-    ) -> None:
-        """`branches` of local sample `row`: one model call, then each branch's loss and its
-        backward to x̂₀, then the transformer's backward."""
-        timer, precision, device = self.timer, self.precision, self.ctx.device
-        rows = [row] * len(branches)
+    def _branch_forward(
+        self, call: BranchCall, x0: torch.Tensor, cond: Conditioning, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """x̂₀ of each branch of `call` (a row each), from one transformer call."""
+        rows = [call.row] * len(call.branches)
         velocity = make_velocity(
             self.model,
             self.geometry,
@@ -314,23 +323,27 @@ class Trainer:
             self.config.train_guidance,
             self.guidance_embeds,
         )
-        velocity = under_autocast(velocity, precision.transformer_autocast, device)
+        velocity = under_autocast(velocity, self.precision.transformer_autocast, self.ctx.device)
+        inject = torch.stack([branch.sigma_inject for branch in call.branches])
+        target = torch.stack([branch.sigma_target for branch in call.branches])
+        with self.timer.phase("branch_forward"):
+            return direct_align(velocity, x0[rows], noise, inject, target)
+
+    def _branch_backward(self, call: BranchCall, x0_hat: torch.Tensor, stats: StepStats) -> None:
+        """Each branch's loss and its backward to x̂₀, then the transformer's backward."""
+        timer, precision, device = self.timer, self.precision, self.ctx.device
         decode = under_autocast(self.vae.decode, precision.vae_autocast, device)
         reward = under_autocast(
             self.reward.semantic_relative_reward, precision.reward_autocast, device
         )
-        inject = torch.stack([branch.sigma_inject for branch in branches])
-        target = torch.stack([branch.sigma_target for branch in branches])
-        with timer.phase("branch_forward"):
-            x0_hat = direct_align(velocity, x0[rows], noise, inject, target)
         recovered = x0_hat.detach().requires_grad_()
-        for index, branch in enumerate(branches):
+        for index, branch in enumerate(call.branches):
             output = branch_reward_loss(
                 branch,
                 timer.wrap("vae_decode", decode),
                 timer.wrap("reward", reward),
                 recovered[index : index + 1],
-                prompts,
+                call.prompts,
                 self.settings,
             )
             loss = output.loss
