@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
-from support import assert_ok, run_srpo
+from support import HELD_OUT, HeldOutRollouts, assert_held_out_gain, assert_ok, run_srpo
 
-from srpo.algorithm import SRPOSettings, control_prompts, euler_rollout, sigma_schedule, srpo_losses
+from srpo.algorithm import SRPOSettings, control_prompts, srpo_losses
 from srpo.encode import EmbeddingCache, encode_prompts
 from srpo.flux import FrozenVAE, LatentGeometry, load_vae, make_velocity, vae_scale_factor
 from srpo.rewards import load_reward
@@ -17,26 +17,13 @@ from srpo.train.parallel import DistributedContext, shard_transformer
 
 pytestmark = pytest.mark.distributed
 
-HELD_OUT = [
-    "a cat sleeping on a sofa",
-    "a castle in the clouds",
-    "an astronaut riding a horse",
-    "a field of sunflowers",
-    "a stone bridge over a river",
-    "a robot playing chess",
-]
-NOISE_SEEDS = range(8)
 
-
-class HeldOutReward:
-    """Mean semantic-relative reward (w = 0) of rollouts on held-out prompts, over all 20
-    control-word pairs of the training cycle, for a given noise seed."""
+class HeldOutReward(HeldOutRollouts):
+    """Mean semantic-relative reward (w = 0) of the held-out rollouts, over all 20 control-word
+    pairs of the training cycle, for a given noise seed."""
 
     def __init__(self, models: Path, cache: Path) -> None:
-        self.cache = EmbeddingCache(cache)
-        vae = load_vae(str(models / "flux"))
-        self.geometry = LatentGeometry(64, 64, vae_scale_factor(vae))
-        self.vae = FrozenVAE(vae, self.geometry)
+        super().__init__(models, cache)
         self.reward = load_reward(
             "hpsv2",
             checkpoint=models / "hpsv2" / "HPS_v2.1_compressed.pt",
@@ -45,17 +32,10 @@ class HeldOutReward:
 
     @torch.no_grad()
     def __call__(self, transformer: torch.nn.Module, seed: int) -> float:
-        cond = self.cache.get(list(range(len(self.cache))))
-        velocity = make_velocity(
-            transformer, self.geometry, cond.prompt_embeds, cond.pooled_prompt_embeds,
-            cond.text_ids, 3.5, True,
-        )  # fmt: skip
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(self.geometry.token_shape(len(self.cache)), generator=generator)
-        images = self.vae.decode(euler_rollout(velocity, noise, sigma_schedule(8, 3.0)))
+        images, captions = self.images(transformer, seed)
         settings, rewards = SRPOSettings(), []
         for step in range(20):
-            for row, caption in enumerate(cond.captions):
+            for row, caption in enumerate(captions):
                 positive, negative = control_prompts(caption, step, settings)
                 value = self.reward.semantic_relative_reward(
                     images[row : row + 1], positive, negative, 0.0
@@ -71,20 +51,9 @@ def test_held_out_reward_rises(write_config, tiny_models, tmp_path):
     prompts = tmp_path / "held_out.txt"
     prompts.write_text("\n".join(HELD_OUT) + "\n")
     cache = encode_prompts(str(tiny_models / "flux"), prompts, tmp_path / "held_out", 32, 8)
-    evaluate = HeldOutReward(tiny_models, cache)
-
-    base = FluxTransformer2DModel.from_pretrained(
-        str(tiny_models / "flux"), subfolder="transformer"
+    assert_held_out_gain(
+        HeldOutReward(tiny_models, cache), tiny_models, tmp_path / "learn" / "model"
     )
-    trained = FluxTransformer2DModel.from_pretrained(
-        str(tmp_path / "learn" / "model"), subfolder="transformer"
-    )
-    before = torch.tensor([evaluate(base, seed) for seed in NOISE_SEEDS])
-    after = torch.tensor([evaluate(trained, seed) for seed in NOISE_SEEDS])
-    seed_noise = float(before.std())
-    gain = float(after.mean() - before.mean())
-    assert gain > 5 * seed_noise, f"gain {gain:.4f} vs seed-to-seed std {seed_noise:.4f}"
-    assert bool((after > before).all()), (before, after)
 
 
 def test_fsdp2_gradients_equal_plain_autograd(tiny_models, tiny_cache):

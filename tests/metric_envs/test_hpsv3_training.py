@@ -18,13 +18,19 @@ import yaml
 
 pytest.importorskip("hpsv3.inference", reason="run in .venv-hpsv3: bash envs/metric-env.sh hpsv3")
 
-from diffusers import FluxTransformer2DModel
-from support import REPO, TRAIN_PROMPTS, assert_ok, run_env, tiny_config
+from support import (
+    HELD_OUT,
+    REPO,
+    TRAIN_PROMPTS,
+    HeldOutRollouts,
+    assert_held_out_gain,
+    assert_ok,
+    run_env,
+    tiny_config,
+)
 
-from srpo.algorithm import euler_rollout, sigma_schedule
 from srpo.config import HPSV3_SCALE
-from srpo.encode import EmbeddingCache
-from srpo.flux import FrozenVAE, LatentGeometry, load_vae, make_velocity, vae_scale_factor
+from srpo.flux import LatentGeometry
 from srpo.rewards import hpsv3, load_reward
 
 pytestmark = pytest.mark.filterwarnings(
@@ -34,15 +40,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning",
 )
 MAIN_SRPO = str(REPO / ".venv" / "bin" / "srpo")
-HELD_OUT = [  # tests/distributed/test_learning.py's
-    "a cat sleeping on a sofa",
-    "a castle in the clouds",
-    "an astronaut riding a horse",
-    "a field of sunflowers",
-    "a stone bridge over a river",
-    "a robot playing chess",
-]
-NOISE_SEEDS = range(8)
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
@@ -84,7 +81,7 @@ def hpsv3_paths(models: Path) -> dict[str, Path]:
     return {"checkpoint": folder / hpsv3.CHECKPOINT_NAME, "config": folder / hpsv3.CONFIG_NAME}
 
 
-class HeldOutScore:
+class HeldOutScore(HeldOutRollouts):
     """tests/distributed/test_learning.py's protocol with the HPSv3 score: mean μ(image, caption)
     of rollouts on held-out prompts for one noise seed, one image per call (transformers 4.45
     masks a batch's vision attention as one sequence: one call of six images takes twice as long
@@ -95,25 +92,15 @@ class HeldOutScore:
     HPSv3's published score and what the reward's w·μ(x, p) term raises, moves by about 15."""
 
     def __init__(self, models: Path, cache: Path) -> None:
-        self.cache = EmbeddingCache(cache)
-        vae = load_vae(str(models / "flux"))
-        self.geometry = LatentGeometry(64, 64, vae_scale_factor(vae))
-        self.vae = FrozenVAE(vae, self.geometry)
+        super().__init__(models, cache)
         self.reward = load_reward("hpsv3", **hpsv3_paths(models), scale=HPSV3_SCALE)
 
     @torch.no_grad()
     def __call__(self, transformer: torch.nn.Module, seed: int) -> float:
-        cond = self.cache.get(list(range(len(self.cache))))
-        velocity = make_velocity(
-            transformer, self.geometry, cond.prompt_embeds, cond.pooled_prompt_embeds,
-            cond.text_ids, 3.5, True,
-        )  # fmt: skip
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(self.geometry.token_shape(len(self.cache)), generator=generator)
-        images = self.vae.decode(euler_rollout(velocity, noise, sigma_schedule(8, 3.0)))
+        images, captions = self.images(transformer, seed)
         scores = [
             float(self.reward.score(image[None], [caption]))
-            for image, caption in zip(images, cond.captions, strict=True)
+            for image, caption in zip(images, captions, strict=True)
         ]
         return sum(scores) / len(scores)
 
@@ -136,16 +123,7 @@ def test_hpsv3_held_out_reward_rises(models: Path, cache: Path, tmp_path: Path) 
         )
     )  # fmt: skip
     evaluate = HeldOutScore(models, encode(models, HELD_OUT, tmp_path / "held_out"))
-    base = FluxTransformer2DModel.from_pretrained(str(models / "flux"), subfolder="transformer")
-    trained = FluxTransformer2DModel.from_pretrained(
-        str(tmp_path / "learn" / "model"), subfolder="transformer"
-    )
-    before = torch.tensor([evaluate(base, seed) for seed in NOISE_SEEDS])
-    after = torch.tensor([evaluate(trained, seed) for seed in NOISE_SEEDS])
-    seed_noise = float(before.std())
-    gain = float(after.mean() - before.mean())
-    assert gain > 5 * seed_noise, f"gain {gain:.6f} vs seed-to-seed std {seed_noise:.6f}"
-    assert bool((after > before).all()), (before, after)
+    assert_held_out_gain(evaluate, models, tmp_path / "learn" / "model")
 
 
 def test_main_environment_says_where_to_train(models: Path, cache: Path, tmp_path: Path) -> None:
