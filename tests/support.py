@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -220,6 +221,31 @@ def assert_held_out_gain(score, models: Path, trained: Path) -> None:
     gain = float(after.mean() - before.mean())
     assert gain > 5 * seed_noise, f"gain {gain:.6g} vs seed-to-seed std {seed_noise:.6g}"
     assert bool((after > before).all()), (before, after)
+
+
+def directional_derivatives(
+    reward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    step: float,
+    count: int = 3,
+    seed: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(autograd, central differences with `step`) of Σ reward(images) along `count` random unit
+    directions of the images: the finite-difference check of every reward's gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.randn((count, *images.shape), generator=generator, dtype=images.dtype)
+    directions /= directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1)
+    pixels = images.clone().requires_grad_(True)
+    reward(pixels).sum().backward()
+    analytic = torch.stack([(pixels.grad * direction).sum() for direction in directions])
+    with torch.no_grad():
+        numeric = torch.stack(
+            [
+                (reward(images + step * d).sum() - reward(images - step * d).sum()) / (2 * step)
+                for d in directions
+            ]
+        )
+    return analytic, numeric
 
 
 def kill_tree(pid: int) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import directional_derivatives
 
 pytest.importorskip("hpsv3.inference", reason="run in .venv-hpsv3: bash envs/metric-env.sh hpsv3")
 
@@ -97,24 +98,6 @@ def test_semantic_relative_reward_formula(reward) -> None:
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
-def directional_derivatives(reward, images: torch.Tensor, step: float, count: int = 3):
-    """(autograd, central differences) of Σ reward(images) along `count` random unit directions."""
-    generator = torch.Generator().manual_seed(5)
-    directions = torch.randn((count, *images.shape), generator=generator)
-    directions /= directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1)
-    pixels = images.clone().requires_grad_(True)
-    reward(pixels).sum().backward()
-    analytic = torch.stack([(pixels.grad * direction).sum() for direction in directions])
-    with torch.no_grad():
-        numeric = torch.stack(
-            [
-                (reward(images + step * d).sum() - reward(images - step * d).sum()) / (2 * step)
-                for d in directions
-            ]
-        )
-    return analytic, numeric
-
-
 @pytest.mark.parametrize(
     ("what", "tolerance"),
     # The SRP gradient is scale·((1 + w)·∇μ(p) − ∇μ(n)) with ∇μ(p) ≈ ∇μ(n): the difference
@@ -135,7 +118,9 @@ def test_gradient_matches_finite_differences(reward, what: str, tolerance: float
     def srp(pixels: torch.Tensor) -> torch.Tensor:
         return reward.semantic_relative_reward(pixels, POSITIVE, NEGATIVE, WEIGHT)
 
-    analytic, numeric = directional_derivatives(mu if what == "mu" else srp, images, step=0.1)
+    analytic, numeric = directional_derivatives(
+        mu if what == "mu" else srp, images, step=0.1, seed=5
+    )
     largest = float(numeric.abs().max())
     assert largest > 0, what
     assert float((analytic - numeric).abs().max()) < tolerance * largest, (analytic, numeric)

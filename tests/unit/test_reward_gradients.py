@@ -6,11 +6,11 @@ the reward itself (float64 models and images, so rounding stays far below the to
 check runs in its own environment (tests/metric_envs/test_hpsv3_reward.py).
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from support import directional_derivatives
 
 from srpo.config import RewardConfig
 from srpo.rewards import Reward, load_reward
@@ -37,26 +37,6 @@ def load64(models: Path, kind: str) -> Reward:
     return load_reward(kind, **config.load_arguments()).to(torch.float64)
 
 
-def directional_derivatives(
-    reward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, count: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(autograd, central differences) of Σ reward(images) along `count` random unit directions."""
-    generator = torch.Generator().manual_seed(1)
-    directions = torch.randn((count, *images.shape), generator=generator, dtype=images.dtype)
-    directions /= directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1, 1)
-    pixels = images.clone().requires_grad_(True)
-    reward(pixels).sum().backward()
-    analytic = torch.stack([(pixels.grad * direction).sum() for direction in directions])
-    with torch.no_grad():
-        numeric = torch.stack(
-            [
-                (reward(images + STEP * d).sum() - reward(images - STEP * d).sum()) / (2 * STEP)
-                for d in directions
-            ]
-        )
-    return analytic, numeric
-
-
 @pytest.mark.parametrize("kind", ["hpsv2", "pickscore", "mix"])
 def test_gradient_matches_finite_differences(tiny_models: Path, kind: str) -> None:
     reward = load64(tiny_models, kind)
@@ -66,7 +46,7 @@ def test_gradient_matches_finite_differences(tiny_models: Path, kind: str) -> No
     def srp(pixels: torch.Tensor) -> torch.Tensor:
         return reward.semantic_relative_reward(pixels, POSITIVE, NEGATIVE, WEIGHT)
 
-    analytic, numeric = directional_derivatives(srp, images, count=4)
+    analytic, numeric = directional_derivatives(srp, images, STEP, count=4)
     assert float(numeric.abs().min()) > 1e-6, f"{kind}: reward flat along {numeric}"
     torch.testing.assert_close(analytic, numeric, rtol=RTOL, atol=0.0)
 
