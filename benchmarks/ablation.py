@@ -22,17 +22,25 @@ from srpo.io import git_commit, write_json
 
 CONFIGURATIONS = {
     "before (gather per forward, AdamW loop)": {
-        "gather_params": "forward", "fused": False, "fuse_branches": False,
+        "gather_params": "forward", "fused": False, "fuse_branches": False, "huge_pages": False,
     },
-    "+ fused AdamW": {"gather_params": "forward", "fused": True, "fuse_branches": False},
+    "+ fused AdamW": {
+        "gather_params": "forward", "fused": True, "fuse_branches": False, "huge_pages": False,
+    },
     "+ gather once for the rollout": {
-        "gather_params": "rollout", "fused": True, "fuse_branches": False,
+        "gather_params": "rollout", "fused": True, "fuse_branches": False, "huge_pages": False,
     },
-    "+ both branches in one call (default)": {
-        "gather_params": "rollout", "fused": True, "fuse_branches": True,
+    "+ both branches in one call": {
+        "gather_params": "rollout", "fused": True, "fuse_branches": True, "huge_pages": False,
+    },
+    "+ huge pages for large CPU tensors": {
+        "gather_params": "rollout", "fused": True, "fuse_branches": True, "huge_pages": True,
+    },
+    "+ the rollout's gather kept through the first call's backward (default)": {
+        "gather_params": "first_call", "fused": True, "fuse_branches": True, "huge_pages": True,
     },
     "gather once for the whole step": {
-        "gather_params": "step", "fused": True, "fuse_branches": True,
+        "gather_params": "step", "fused": True, "fuse_branches": True, "huge_pages": True,
     },
 }  # fmt: skip
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -45,7 +53,7 @@ def main(
     only: Annotated[
         list[int] | None,
         typer.Option(
-            help="Run only these rows of the table (0 = before, 4 = gather for the whole "
+            help="Run only these rows of the table (0 = before, 6 = gather for the whole "
             "step; repeatable); the results go to <suite>-ablation-<rows>.json and .md."
         ),
     ] = None,
@@ -72,7 +80,8 @@ def main(
         folder = work / str(number)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "train.yaml").write_text(yaml.safe_dump(config))
-        run = _train("ours", folder / "train.yaml", world, bench, folder)
+        pages = {"THP_MEM_ALLOC_ENABLE": "1" if settings["huge_pages"] else "0"}
+        run = _train("ours", folder / "train.yaml", world, bench, folder, pages)
         rows[name] = {
             "settings": settings,
             "seconds": run["seconds"],

@@ -5,7 +5,9 @@ Memory per rank under FSDP2 with W ranks, P transformer parameters, B = P/57 a b
                                 plus two gathered bf16 blocks (the one in use and the prefetch)
     rollout:  max(12·P/W + 2·P, 16·P/W + 2·2·B)   the rollout holds every gathered bf16 block
                                 but no gradients (set to None after each update)
-    step:     16·P/W + 2·P      the gathered parameters stay beside the gradients
+    first_call, step:  16·P/W + 2·P   the gathered parameters stay beside the gradients (first
+                                call: through the first call's backward, freeing each block
+                                after its own; step: to the step's end)
     literal:  16·P/W + 2·4·B    FSDP1 with fp32 parameters gathers 4 bytes a parameter
   + frozen VAE and reward tower, activations (measured on a GPU, not modelled here)
 

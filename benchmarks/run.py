@@ -68,25 +68,32 @@ def _train_config(models: BenchModels, spec: ModelSpec, suite: Suite, batch: int
     return path
 
 
-def _run(command: list[str], threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+def _run(command: list[str], threads: int, env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **(env or {})}
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         tail = (result.stdout + result.stderr)[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{tail}")
 
 
-def _train(variant: str, config: Path, world: int, suite: Suite, out: Path) -> dict:
+def _train(
+    variant: str,
+    config: Path,
+    world: int,
+    suite: Suite,
+    out: Path,
+    env: dict[str, str] | None = None,
+) -> dict:
     target = out / f"{variant}-w{world}.json"
     worker = ["-m", "benchmarks.train_step", variant, str(config), str(target)]
-    worker += [str(suite.warmup_steps), str(suite.train_steps)]
+    worker += [str(suite.warmup_steps), str(suite.train_steps), str(suite.warmup_rollout_steps)]
     if world == 1:
         command = [sys.executable, *worker]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc-per-node={world}", *worker]
     typer.echo(f"  train step: {variant}, {world} process(es)")
-    _run(command, max(1, (os.cpu_count() or 1) // world))
+    _run(command, max(1, (os.cpu_count() or 1) // world), env)
     figures = json.loads(target.read_text())
     figures["seconds"] = median(figures["step_seconds"])
     return figures

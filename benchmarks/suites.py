@@ -32,6 +32,7 @@ class Suite:
     models: tuple[ModelSpec, ...]
     rollout_steps: int = 25
     warmup_steps: int = 1
+    warmup_rollout_steps: int = 1  # Euler steps of a warm-up rollout: one-time costs need no more
     train_steps: int = 2
     sample_steps: int = 10
     sample_prompts: int = 4

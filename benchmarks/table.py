@@ -103,7 +103,7 @@ def markdown(result: dict) -> str:
         "",
         f"FLUX.1-dev ({memory['parameters'] / 1e9:.2f} B parameters), GB per rank under FSDP2:",
         "",
-        "| ranks | sharded states | ours, gather_params: forward / rollout / step "
+        "| ranks | sharded states | ours, gather_params: forward / rollout / first_call, step "
         "| literal FSDP1 fp32 |",
         "|---|---|---|---|",
     ]

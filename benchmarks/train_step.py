@@ -1,12 +1,16 @@
 """One benchmark process (or torchrun rank) that times train steps of one variant.
 
-    python -m benchmarks.train_step VARIANT CONFIG OUT_JSON WARMUP STEPS
+    python -m benchmarks.train_step VARIANT CONFIG OUT_JSON WARMUP STEPS [WARMUP_ROLLOUT]
 
 VARIANT is `ours` (srpo.train.loop.Trainer), `ours-lora` (the same trainer with the default
 `lora:` section: adapters instead of the full transformer), `literal` (the authors' recipe,
 anomaly detection on) or `literal-no-anomaly`. Rank 0 writes per-step seconds, losses, per-phase
 seconds (mean over ranks), the peak memory of the busiest rank and, for ours, the trainable and
 total parameter counts.
+
+The WARMUP steps are whole steps (rollout, both branches, backward, optimizer: every shape,
+gather, lazy initialisation and first allocation of a measured step) with a rollout of
+WARMUP_ROLLOUT Euler steps (default: the config's), the same for every variant.
 """
 
 from __future__ import annotations
@@ -46,15 +50,29 @@ def make_trainer(variant: str, config: TrainConfig, ctx: DistributedContext):
     return LiteralTrainer(config, ctx, anomaly=variant == "literal")
 
 
-def run(variant: str, config_path: Path, out: Path, warmup: int, steps: int) -> None:
+def run(
+    variant: str,
+    config_path: Path,
+    out: Path,
+    warmup: int,
+    steps: int,
+    warmup_rollout: int | None = None,
+) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     config = load_train_config(config_path)
     with DistributedContext.from_environment() as ctx:
         torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
         trainer = make_trainer(variant, config, ctx)
+        measured_config = trainer.config
         records = []
-        for _ in range(warmup + steps):
+        for index in range(warmup + steps):
+            if index < warmup and warmup_rollout is not None:
+                trainer.config = measured_config.model_copy(
+                    update={"rollout_steps": warmup_rollout}
+                )
+            else:
+                trainer.config = measured_config
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             ctx.barrier()
@@ -86,6 +104,7 @@ def run(variant: str, config_path: Path, out: Path, warmup: int, steps: int) -> 
                     "threads": torch.get_num_threads(),
                     "records": records,
                     "warmup": warmup,
+                    "warmup_rollout_steps": warmup_rollout or config.rollout_steps,
                     "step_seconds": [r["seconds"] for r in measured],
                     "phases": {
                         k.removeprefix("time/").removesuffix("_s"): float(v) / ctx.world_size
@@ -98,5 +117,5 @@ def run(variant: str, config_path: Path, out: Path, warmup: int, steps: int) -> 
 
 
 if __name__ == "__main__":
-    name, config_file, out_file, warm, count = sys.argv[1:6]
-    run(name, Path(config_file), Path(out_file), int(warm), int(count))
+    name, config_file, out_file, warm, count, *short = sys.argv[1:]
+    run(name, Path(config_file), Path(out_file), int(warm), int(count), *map(int, short))

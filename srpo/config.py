@@ -274,13 +274,16 @@ class TrainConfig(_Section):
         "precision.py; cost and deviation: benchmarks/README.md)",
     )
     activation_checkpointing: bool = True
-    gather_params: Literal["rollout", "step", "forward"] = Field(
-        "rollout",
-        description="how long an FSDP2 block keeps its all-gathered parameters: through the "
-        "no-grad rollout and the first branch call's forward (one gather instead of 26; full "
-        "parameters, no gradients, in memory; freed before the VAE decode), "
-        "through the whole step (also the branches' forward and backward; full parameters in "
-        "memory while the gradients are), or one forward (FSDP2's default)",
+    gather_params: Literal["first_call", "rollout", "step", "forward"] = Field(
+        "first_call",
+        description="how long an FSDP2 block keeps its all-gathered parameters. first_call: "
+        "through the no-grad rollout and the first branch call's forward and backward, each "
+        "block freed after its own backward (one gather per block for the step when a rank "
+        "holds one sample; full parameters in memory through that call's VAE decode and "
+        "reward); rollout: through the rollout and the first call's forward, freed before its "
+        "VAE decode (one gather more; the lowest peak of the fast scopes); step: through the "
+        "whole step (every call's forward and backward); forward: one forward (FSDP2's "
+        "default)",
     )
     fuse_branches: bool = Field(
         True,

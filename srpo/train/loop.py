@@ -178,7 +178,6 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.output_dir / "checkpoints", config.keep_last, ctx.rank
         )
-        self.rollout_sigmas = sigma_schedule(config.rollout_steps, self.settings.shift)
         self.timer = PhaseTimer(device)
         self.step = 0
         self.bad_in_row = 0
@@ -274,7 +273,8 @@ class Trainer:
         )
         velocity = under_autocast(velocity, self.precision.transformer_autocast, self.ctx.device)
         with torch.no_grad(), self.timer.phase("rollout"):
-            return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), self.rollout_sigmas)
+            sigmas = sigma_schedule(self.config.rollout_steps, self.settings.shift)
+            return euler_rollout(velocity, noise.expand(len(numbers), -1, -1), sigmas)
 
     def _branches(
         self, samples: range, numbers: list[int], cond: Conditioning, noise: torch.Tensor
@@ -289,9 +289,11 @@ class Trainer:
         call's x̂₀ gradients: the memory of one branch's decode, the all-gathers of one forward
         and one backward per call.
 
-        Under `gather_params: rollout` the parameters gathered for the rollout also serve the
-        first call's forward and are freed before its decode: no gradient exists yet, so this
-        adds nothing to the rollout's peak and saves that forward's all-gather."""
+        The parameters gathered for the rollout also serve the first call's forward under
+        `gather_params: rollout` (freed before its decode: no gradient exists yet, so nothing
+        is added to the rollout's peak) and, under `first_call`, its backward too, each block
+        freed after its own backward: with one sample per rank, one all-gather per block for
+        the whole step."""
         calls = []
         for row, sample in enumerate(samples):
             branches = plan_branches(
@@ -301,10 +303,14 @@ class Trainer:
             fused = [branches] if self.config.fuse_branches else [[b] for b in branches]
             calls.extend(BranchCall(row, call, prompts) for call in fused)
         stats = StepStats()
-        with kept_gathered(self.model, self.config.gather_params == "rollout"):
+        scope = self.config.gather_params
+        with kept_gathered(self.model, scope in ("rollout", "first_call")):
             x0 = self._x0(samples, numbers, cond, noise)
             first = self._branch_forward(calls[0], x0, cond, noise)
-        self._branch_backward(calls[0], first, stats)
+            if scope == "first_call":
+                self._branch_backward(calls[0], first, stats)
+        if scope != "first_call":
+            self._branch_backward(calls[0], first, stats)
         for call in calls[1:]:
             self._branch_backward(call, self._branch_forward(call, x0, cond, noise), stats)
         return stats

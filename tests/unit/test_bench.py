@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 from benchmarks.flops import counted_flops, train_step_flops, transformer_forward_flops
 from benchmarks.models import ensure_models
@@ -47,7 +48,10 @@ def test_literal_baseline_computes_our_loss(bench_config: Path, tmp_path: Path):
     records = {}
     for variant in ("ours", "literal-no-anomaly"):
         out = tmp_path / f"{variant}.json"
-        run(variant, bench_config, out, 0, 3)  # step 3's loss depends on two updates
+        # a warm-up step with a 1-step rollout, as `srpo bench` runs it, then 2 measured steps:
+        # a variant that ignored the short rollout would differ from step 1; step 3's loss
+        # depends on two updates
+        run(variant, bench_config, out, 1, 2, 1)
         records[variant] = json.loads(out.read_text())["records"]
     pairs = zip(records["ours"], records["literal-no-anomaly"], strict=True)
     for step, (ours, literal) in enumerate(pairs, start=1):
@@ -59,6 +63,10 @@ def test_literal_baseline_computes_our_loss(bench_config: Path, tmp_path: Path):
     # the updates moved the model: a baseline that never stepped would fail the third step
     first, third = records["ours"][0], records["ours"][2]
     assert first["loss/denoise"] != third["loss/denoise"]
+    # and the warm-up's rollout was the short one: the config's 3 steps give another x₀
+    run("ours", bench_config, tmp_path / "full-warmup.json", 1, 1)
+    full = json.loads((tmp_path / "full-warmup.json").read_text())["records"][0]
+    assert full["loss/denoise"] != first["loss/denoise"]
 
 
 def test_literal_baseline_differs_when_its_math_does(bench_config: Path, tmp_path: Path):
@@ -89,22 +97,52 @@ def test_lora_variant_trains_adapters_on_the_same_objective(bench_config: Path, 
         assert lora["records"][0][key] == full["records"][0][key], key
 
 
-def _trained_state(config_path: Path, gather_params: str) -> dict[str, torch.Tensor]:
+def _trained_state(
+    config_path: Path, gather_params: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights after two steps, and how many all-gathers the first block issued in the
+    second (counted where FSDP2 issues them: an unshard that starts a gather; a world of one
+    gathers by reference, without the collective's trace event)."""
     config = load_train_config(config_path, {"gather_params": gather_params})
+    issued = {}
+    unshard = FSDPParamGroup.unshard
+
+    def counted(group: FSDPParamGroup, *args, **kwargs):
+        pending = group._all_gather_result
+        unshard(group, *args, **kwargs)
+        if pending is None and group._all_gather_result is not None:
+            issued[group] = issued.get(group, 0) + 1
+
+    monkeypatch.setattr(FSDPParamGroup, "unshard", counted)
     with DistributedContext.from_environment() as ctx:
         torch.manual_seed(0)
         trainer = Trainer(config, ctx)
-        phases = [trainer.train_step() for _ in range(2)]
+        phases = [trainer.train_step()]
+        issued.clear()
+        phases.append(trainer.train_step())
+        block = trainer.model.transformer_blocks[0]._get_fsdp_state()._fsdp_param_group
         state = {k: v.full_tensor().clone() for k, v in trainer.model.state_dict().items()}
     for metrics in phases:
         assert metrics["time/rollout_s"] > 0 and metrics["time/backward_s"] > 0
-    return state
+    return state, issued.get(block, 0)
 
 
-def test_gathering_parameters_once_keeps_every_bit(bench_config: Path):
-    regathered = _trained_state(bench_config, "forward")
-    for scope in ("rollout", "step"):
-        kept = _trained_state(bench_config, scope)
+def test_gathering_parameters_once_keeps_every_bit(
+    bench_config: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each scope's all-gathers of a block in a step with 2 samples on the rank (one fused
+    call each) and 3 rollout steps (batched over both samples), and the same weights."""
+    expected_gathers = {
+        "forward": 3 + 2 + 2,  # each rollout forward; each call's forward and backward
+        "rollout": 1 + 1 + 2,  # rollout + call 1's forward; call 1's backward; call 2
+        "first_call": 1 + 2,  # rollout + all of call 1; call 2's forward and backward
+        "step": 1,
+    }
+    regathered, gathers = _trained_state(bench_config, "forward", monkeypatch)
+    assert gathers == expected_gathers["forward"]
+    for scope in ("rollout", "first_call", "step"):
+        kept, gathers = _trained_state(bench_config, scope, monkeypatch)
+        assert gathers == expected_gathers[scope], scope
         assert kept.keys() == regathered.keys()
         for name, tensor in kept.items():
             assert torch.equal(tensor, regathered[name]), (scope, name)
