@@ -164,6 +164,8 @@ def _model_figures(spec: ModelSpec, suite: Suite, out: Path, peak: float, headli
     step_flops = world * train_step_flops(
         forward["total"], suite.rollout_steps, True, side["vae_decode_train"], side["reward"]
     )
+    for row in scaling.values():  # the same global batch's FLOPs at each process count
+        row["mfu"] = step_flops / row["step_seconds"] / (peak * 1e9)
     sample_forward = transformer_forward_flops(transformer, sample_tokens, spec.text_tokens)
     image_flops = suite.sample_steps * sample_forward["total"] + side["vae_decode_sample"]
 

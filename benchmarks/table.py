@@ -91,12 +91,16 @@ def markdown(result: dict) -> str:
             f"{sampling['max_abs_pixel_diff_best_batch']} | {_f(100 * sampling['mfu'], 1)}% |"
         )
     if result["scaling"]:
-        lines += ["", "| processes | step s | samples/s | peak MB per process | threads each |"]
-        lines.append("|---|---|---|---|---|")
+        lines += [
+            "",
+            "| processes | step s | samples/s | peak MB per process | threads each | MFU |",
+            "|---|---|---|---|---|---|",
+        ]
         for world, row in result["scaling"].items():
             lines.append(
                 f"| {world} | {_f(row['step_seconds'])} | {_f(row['samples_per_s'], 3)} | "
-                f"{row['peak_memory_mb_per_process']:.0f} | {row['threads_per_process']} |"
+                f"{row['peak_memory_mb_per_process']:.0f} | {row['threads_per_process']} | "
+                f"{_f(100 * row['mfu'], 1)}% |"
             )
     memory = result["memory_per_rank"]
     lines += [
