@@ -68,8 +68,9 @@ def _train_config(models: BenchModels, spec: ModelSpec, suite: Suite, batch: int
     return path
 
 
-def _run(command: list[str], threads: int, env: dict[str, str] | None = None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), **(env or {})}
+def _run(command: list[str], threads: int, extra_env: dict[str, str] | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env.update(extra_env or {})
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         tail = (result.stdout + result.stderr)[-3000:]
@@ -82,7 +83,7 @@ def _train(
     world: int,
     suite: Suite,
     out: Path,
-    env: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict:
     target = out / f"{variant}-w{world}.json"
     worker = ["-m", "benchmarks.train_step", variant, str(config), str(target)]
@@ -93,7 +94,7 @@ def _train(
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         command += [f"--nproc-per-node={world}", *worker]
     typer.echo(f"  train step: {variant}, {world} process(es)")
-    _run(command, max(1, (os.cpu_count() or 1) // world), env)
+    _run(command, max(1, (os.cpu_count() or 1) // world), extra_env)
     figures = json.loads(target.read_text())
     figures["seconds"] = median(figures["step_seconds"])
     return figures

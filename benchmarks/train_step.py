@@ -65,13 +65,11 @@ def run(
         torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
         trainer = make_trainer(variant, config, ctx)
         measured_config = trainer.config
+        if warmup_rollout is not None:
+            trainer.config = measured_config.model_copy(update={"rollout_steps": warmup_rollout})
         records = []
         for index in range(warmup + steps):
-            if index < warmup and warmup_rollout is not None:
-                trainer.config = measured_config.model_copy(
-                    update={"rollout_steps": warmup_rollout}
-                )
-            else:
+            if index == warmup:
                 trainer.config = measured_config
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)

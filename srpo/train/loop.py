@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -304,12 +305,12 @@ class Trainer:
             calls.extend(BranchCall(row, call, prompts) for call in fused)
         stats = StepStats()
         scope = self.config.gather_params
-        with kept_gathered(self.model, scope in ("rollout", "first_call")):
+        with ExitStack() as gathered:
+            gathered.enter_context(kept_gathered(self.model, scope in ("rollout", "first_call")))
             x0 = self._x0(samples, numbers, cond, noise)
             first = self._branch_forward(calls[0], x0, cond, noise)
-            if scope == "first_call":
-                self._branch_backward(calls[0], first, stats)
-        if scope != "first_call":
+            if scope != "first_call":
+                gathered.close()  # free the gathered parameters before the decode
             self._branch_backward(calls[0], first, stats)
         for call in calls[1:]:
             self._branch_backward(call, self._branch_forward(call, x0, cond, noise), stats)
