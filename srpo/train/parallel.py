@@ -39,8 +39,7 @@ class DistributedContext:
 
     @classmethod
     def from_environment(cls, timeout_minutes: int = 60) -> DistributedContext:
-        """The context torchrun's variables describe (or a world of one); on the CPU, first
-        turns on huge pages for large tensors (see `use_huge_pages`)."""
+        """The context torchrun's variables describe (or a world of one)."""
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +48,6 @@ class DistributedContext:
             torch.cuda.set_device(device)
         else:
             device, backend = torch.device("cpu"), "gloo"
-            use_huge_pages()
         owns = False
         if not dist.is_initialized():
             timeout = timedelta(minutes=timeout_minutes)
@@ -92,19 +90,6 @@ class DistributedContext:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def use_huge_pages() -> None:
-    """Back the CPU tensors of 2 MiB and more with transparent huge pages (PyTorch's
-    THP_MEM_ALLOC_ENABLE), unless the environment already sets it.
-
-    FSDP2 frees its gathered parameters and unsharded gradients after each use and allocates
-    them again for the next, and every first touch of fresh memory faults in 4 KiB pages: on
-    the benchmark's real-width model huge pages took the 1-process step from 25.9 to 20.1 s
-    (benchmarks/README.md). The GPU's caching allocator makes this moot there. PyTorch reads
-    the variable at its first large allocation, so this must run before the models load.
-    """
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def shard_transformer(
