@@ -196,14 +196,16 @@ def direct_align(
 
     The sigmas are either scalars (every row of x₀ at the same levels) or one per row, so that
     several branches, each with its own levels, take their model step in one call: every row's
-    arithmetic is the same as alone, only the model sees a larger batch.
+    arithmetic is the same as alone, only the model sees a larger batch. Per-row sigmas join
+    x₀ on its device (a 0-dim tensor mixes with any device, a 1-D one does not).
     """
     if sigma_inject.dim() == 0:
         sigma = float(sigma_inject)
     else:
         sigma = [float(s) for s in sigma_inject]
         rows = (-1,) + (1,) * (x0.dim() - 1)
-        sigma_inject, sigma_target = sigma_inject.reshape(rows), sigma_target.reshape(rows)
+        sigma_inject = sigma_inject.to(x0.device).reshape(rows)
+        sigma_target = sigma_target.to(x0.device).reshape(rows)
     x = sigma_inject * noise + (1 - sigma_inject) * x0
     x_next = x + (sigma_target - sigma_inject) * velocity(x, sigma)
     return (x_next - sigma_target * noise) / (1 - sigma_target)

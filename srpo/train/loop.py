@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from diffusers import FluxTransformer2DModel
 from torch.distributed.tensor import DTensor
 
 from srpo.algorithm import (
@@ -49,7 +50,13 @@ from srpo.train.data import (
 )
 from srpo.train.evaluate import HeldOutEvaluator, HeldOutWatch, RewardHacking
 from srpo.train.lora import add_lora
-from srpo.train.parallel import DTYPES, DistributedContext, kept_gathered, shard_transformer
+from srpo.train.parallel import (
+    DTYPES,
+    DistributedContext,
+    kept_gathered,
+    load_full_state,
+    shard_transformer,
+)
 from srpo.train.precision import POLICIES, under_autocast
 from srpo.train.timing import PhaseTimer
 
@@ -124,6 +131,30 @@ class StepStats:
         return {name: float(total) / samples for name, total in zip(names, totals, strict=True)}
 
 
+def sharded_transformer(
+    config: TrainConfig, ctx: DistributedContext, param_dtype: torch.dtype | None
+) -> FluxTransformer2DModel:
+    """The FSDP2-sharded transformer (with `lora` adapters), built on the meta device and
+    filled from rank 0's fp32 copy: a rank holds its shards only, and only rank 0 the host copy.
+    """
+    seed = derive_seed(config.seed, "lora")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(config.base_model, subfolder="transformer")
+        )
+    if config.lora is not None:
+        add_lora(model, config.lora, seed)
+    full_state = None
+    if ctx.is_main:
+        source = load_transformer(config.base_model)
+        if config.lora is not None:
+            add_lora(source, config.lora, seed)
+        full_state = source.state_dict()
+    shard_transformer(model, ctx.mesh(), param_dtype, config.activation_checkpointing)
+    load_full_state(model, full_state, ctx.device)
+    return model
+
+
 class Trainer:
     """Builds models, optimizer and checkpointer for one run and trains it to `max_steps`."""
 
@@ -154,17 +185,8 @@ class Trainer:
         self.vae = FrozenVAE(vae, self.geometry)
         self.vae.configure_memory(config.vae_tiling, config.vae_slicing)
         self.reward = load_reward(config.reward.kind, **config.reward.load_arguments()).to(device)
-        transformer = load_transformer(config.base_model)
-        if config.lora is not None:
-            add_lora(transformer, config.lora, derive_seed(config.seed, "lora"))
-        transformer = transformer.to(device)
-        self.guidance_embeds = bool(transformer.config.guidance_embeds)
-        self.model = shard_transformer(
-            transformer,
-            ctx.mesh(),
-            self.precision.transformer_dtype,
-            config.activation_checkpointing,
-        )
+        self.model = sharded_transformer(config, ctx, self.precision.fsdp_param_dtype)
+        self.guidance_embeds = bool(self.model.config.guidance_embeds)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
@@ -200,7 +222,7 @@ class Trainer:
 
     def resume(self, checkpoint: Path | None = None) -> Path | None:
         """Load `checkpoint`, or the newest complete one of this run; None if there is none."""
-        path = checkpoint or self.checkpointer.latest()
+        path = checkpoint or self.ctx.from_main(self.checkpointer.latest())
         if path is None:
             return None
         saved, current = self.checkpointer.train_state(path), self.train_state()
@@ -437,7 +459,7 @@ def held_out_watch(trainer: Trainer) -> HeldOutWatch:
 def _stop_for_collapse(trainer: Trainer, reason: str) -> None:
     """`evaluation.collapse.stop`: checkpoint this step (unless just saved), then stop."""
     latest = trainer.checkpointer.latest()
-    if latest is None or step_of(latest) != trainer.step:
+    if trainer.ctx.from_main(latest is None or step_of(latest) != trainer.step):
         latest = trainer.save()
     raise RewardHacking(
         f"training: reward hacking suspected at step {trainer.step}: {reason}; stopped after "

@@ -13,12 +13,19 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    checkpoint_wrapper,
+)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -51,11 +58,15 @@ class DistributedContext:
         owns = False
         if not dist.is_initialized():
             timeout = timedelta(minutes=timeout_minutes)
+            # NCCL binds the group to this GPU at once (no guess at the first barrier).
+            bound = {"device_id": device} if device.type == "cuda" else {}
             if "MASTER_ADDR" in os.environ:
-                dist.init_process_group(backend, timeout=timeout)
+                dist.init_process_group(backend, timeout=timeout, **bound)
             else:
                 store = dist.HashStore()
-                dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+                dist.init_process_group(
+                    backend, store=store, rank=0, world_size=1, timeout=timeout, **bound
+                )
             owns = True
         return cls(rank, world_size, local_rank, device, backend, owns)
 
@@ -71,6 +82,13 @@ class DistributedContext:
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value` on every rank: one decision where ranks could see different things
+        (a shared file system shows another node's rename late)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def mesh(self) -> DeviceMesh:
         return init_device_mesh(self.device.type, (self.world_size,))
@@ -95,31 +113,49 @@ class DistributedContext:
 def shard_transformer(
     transformer: torch.nn.Module,
     mesh: DeviceMesh,
-    param_dtype: torch.dtype,
+    param_dtype: torch.dtype | None,
     activation_checkpointing: bool,
 ) -> torch.nn.Module:
     """FSDP2: `fully_shard` each FLUX block, then the root; fp32 master weights and reductions.
 
-    Blocks keep the compute dtype between them; only the root casts its output back to fp32,
-    so the Euler and Direct-Align arithmetic outside the model stays in fp32.
+    `param_dtype` None (fp32 master weights computed as they are) asks FSDP2 for no cast of
+    parameters or inputs. Blocks keep the compute dtype between them; only the root casts its
+    output back to fp32, so the Euler and Direct-Align arithmetic outside the model stays fp32.
 
-    Activation checkpointing uses diffusers' own per-block switch, so parameter names (and
-    therefore checkpoints and exports) stay those of the plain model.
+    Activation checkpointing wraps each block in `checkpoint_wrapper` and shards the wrapper,
+    as torchtitan composes them: the recompute then runs inside the FSDP2 unit, after its
+    input cast (diffusers' own switch checkpoints the sharded block from outside, and torch
+    before 2.13 skips that cast in the recompute). The wrapper's prefix is not part of
+    state-dict keys, so checkpoints and exports keep the plain model's names.
+
+    Works on a model built on the meta device too: shard it, then `load_full_state`.
     """
-    if activation_checkpointing:
-        transformer.enable_gradient_checkpointing()
     # diffusers' blocks return views that no code modifies in place; the gradients equal plain
     # autograd (tests/distributed/test_learning.py), so FSDP2's caution is noise here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-        for block in blocks:
+        for index, block in enumerate(blocks):
+            if activation_checkpointing:
+                block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                blocks[index] = block
             fully_shard(block, mesh=mesh, mp_policy=block_policy)
     root_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32
     )
     fully_shard(transformer, mesh=mesh, mp_policy=root_policy)
     return transformer
+
+
+def load_full_state(
+    model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device
+) -> None:
+    """Fill a sharded model built on the meta device from rank 0's `full_state` (None on the
+    other ranks): each tensor is broadcast and every rank keeps its shard, so no rank but 0
+    ever holds the whole model, and no GPU more than its shards."""
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state or {}, options=options)
 
 
 def _flux_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:

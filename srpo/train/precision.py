@@ -32,6 +32,12 @@ class PrecisionPolicy:
     vae_autocast: torch.dtype | None = None
     reward_autocast: torch.dtype | None = None
 
+    @property
+    def fsdp_param_dtype(self) -> torch.dtype | None:
+        """What FSDP2 casts the parameters to: None, no cast at all, for fp32 master weights
+        computed as they are (a cast to fp32 would also cast each block's inputs)."""
+        return None if self.transformer_dtype == torch.float32 else self.transformer_dtype
+
 
 POLICIES = {
     "fp32": PrecisionPolicy("fp32", torch.float32, torch.float32),
@@ -48,13 +54,17 @@ POLICIES = {
 
 
 def under_autocast(function: F, dtype: torch.dtype | None, device: torch.device) -> F:
-    """`function` run under `torch.autocast(device, dtype)`; itself when dtype is None."""
+    """`function` run under `torch.autocast(device, dtype)`; itself when dtype is None.
+
+    Autocast's weight cache is off: it would keep a low-precision copy of every gathered
+    parameter until the call ends (the whole model under a kept gather), while each weight is
+    used once per forward anyway."""
     if dtype is None:
         return function
 
     @functools.wraps(function)
     def wrapped(*args, **kwargs):
-        with torch.autocast(device.type, dtype=dtype):
+        with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
             return function(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
