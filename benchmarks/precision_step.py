@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.train_step import peak_memory_mb
+from benchmarks.train_step import peak_memory_mb, reset_peak_memory
 from srpo.config import load_train_config
 from srpo.io import write_json
 from srpo.train.data import derive_seed
@@ -47,6 +47,7 @@ def run(precision: str, config_path: Path, out: Path) -> None:
     with DistributedContext.from_environment() as ctx:
         torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
         trainer = Trainer(config, ctx)
+        reset_peak_memory(ctx.device)
         gradient: list[torch.Tensor] = []
         trainer.optimizer.register_step_pre_hook(keep_gradient(trainer, gradient))
         first = trainer.train_step()

@@ -69,7 +69,9 @@ def _train_config(models: BenchModels, spec: ModelSpec, suite: Suite, batch: int
 
 
 def _run(command: list[str], threads: int, extra_env: dict[str, str] | None = None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    # The checkout first, then whatever the caller had (packages installed with --target).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     env.update(extra_env or {})
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if result.returncode:

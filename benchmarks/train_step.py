@@ -32,10 +32,18 @@ VARIANTS = ("ours", "ours-lora", "literal", "literal-no-anomaly")
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory on a GPU, else this process's peak resident set (Linux: KiB)."""
+    """Peak device memory on a GPU since `reset_peak_memory`, else this process's peak
+    resident set (Linux: KiB; it cannot be reset, so it includes start-up)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the device's peak over, so that it measures the steps and not the start-up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def make_trainer(variant: str, config: TrainConfig, ctx: DistributedContext):
@@ -64,6 +72,7 @@ def run(
     with DistributedContext.from_environment() as ctx:
         torch.manual_seed(derive_seed(config.seed, "init", ctx.rank))
         trainer = make_trainer(variant, config, ctx)
+        reset_peak_memory(ctx.device)
         measured_config = trainer.config
         if warmup_rollout is not None:
             trainer.config = measured_config.model_copy(update={"rollout_steps": warmup_rollout})
@@ -78,12 +87,14 @@ def run(
             metrics = trainer.train_step()
             ctx.barrier()
             records.append({"seconds": time.perf_counter() - start, **metrics})
-        peak = torch.tensor([peak_memory_mb(ctx.device)], dtype=torch.float64)
+        peak = torch.tensor([peak_memory_mb(ctx.device)], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         phases = sorted(k for k in records[-1] if k.startswith("time/"))
         measured = records[warmup:]
         sums = torch.tensor(
-            [sum(r[k] for r in measured) / len(measured) for k in phases], dtype=torch.float64
+            [sum(r[k] for r in measured) / len(measured) for k in phases],
+            dtype=torch.float64,
+            device=ctx.device,
         )
         dist.all_reduce(sums)
         counts = {}

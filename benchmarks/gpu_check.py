@@ -1,0 +1,278 @@
+"""Check a CUDA machine end to end: `python -m benchmarks.gpu_check OUT_DIR` (benchmarks/gpu.sh
+runs it after installing the carried wheels).
+
+Three parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary.json:
+- `cli`: the tiny default's command-line path as users run it, on the GPU, in every precision
+  policy and with LoRA (side by side, one process each): `torchrun … -m srpo train` stopped by
+  SIGTERM after its first steps, resumed to the end (with its export), `srpo export`,
+  `srpo sample` + `gather-samples` with the trained transformer, `srpo score` with three
+  metrics;
+- `bench`: `srpo bench --suite gpu --size full`;
+- `precision`: the precision policies side by side (`python -m benchmarks.precision`).
+A part that fails is reported and the next one still runs; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = "results/tiny/"
+PARTS = ("cli", "bench", "precision")
+VARIANTS = {
+    "fp32": {"precision": "fp32"},
+    "fsdp-bf16": {"precision": "fsdp-bf16"},
+    "autocast-bf16": {"precision": "autocast-bf16"},
+    "lora": {"precision": "fsdp-bf16", "lora": {}},
+}
+SCORED = ("hpsv2", "aesthetic", "pickscore")
+MAX_STEPS = 20
+STOP_AFTER_STEP = 2
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+class CheckFailed(RuntimeError):
+    """One command of a check ended otherwise than expected; its log says why."""
+
+
+def _srpo(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "srpo", *arguments]
+
+
+def _environment() -> dict[str, str]:
+    """The checkout first on the path, then whatever the caller had (the carried wheels)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(command: list[str], log: Path, expect: int = 0) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        code = subprocess.call(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(), cwd=REPO
+        )
+    if code != expect:
+        raise CheckFailed(f"{' '.join(command[2:5])}: exit {code}, expected {expect} (see {log})")
+
+
+def _stopped_run(command: list[str], log: Path, after: str) -> int:
+    """Run `command`, send SIGTERM once its output shows `after`; returns the exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}  (SIGTERM after {after!r})\n")
+        handle.flush()
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=_environment(),
+            cwd=REPO,
+            text=True,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            if after in line and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        return process.wait()
+
+
+def _tiny_settings(models: Path) -> tuple[dict, dict]:
+    """The tiny default's training config and metric weights, pointed at `models`."""
+    prefix = f"{TINY_RUN}models/"
+
+    def moved(value):
+        if isinstance(value, str) and value.startswith(prefix):
+            return str(models / value.removeprefix(prefix))
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        return value
+
+    train = moved(yaml.safe_load((REPO / "config/train-tiny.yaml").read_text()))
+    workflow = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    weights = {name: moved(workflow["metrics"][name]["weights"]) for name in SCORED}
+    return train, weights
+
+
+def _prepare(out: Path) -> None:
+    """Tiny models, prompts and both embedding caches, as the workflow makes them."""
+    log = out / "logs" / "prepare.log"
+    models = out / "models"
+    _run(_srpo("make-tiny", str(models)), log)
+    prompts = out / "prompts"
+    _run(
+        _srpo(
+            "prepare-prompts", "--out-dir", str(prompts), "--source", "bundled",
+            "--eval-per-style", "2", "--base-model", str(models / "flux"),
+            "--max-sequence-length", "32",
+        ),
+        log,
+    )  # fmt: skip
+    for source, folder in (("train.txt", "embeddings"), ("eval.csv", "embeddings-held-out")):
+        _run(
+            _srpo(
+                "encode", "--base-model", str(models / "flux"), "--prompts",
+                str(prompts / source), "--out-dir", str(out / folder),
+                "--max-sequence-length", "32",
+            ),
+            log,
+        )  # fmt: skip
+
+
+def _variant(out: Path, name: str) -> dict:
+    """Train (stopped, resumed), export, sample, score one policy; returns its figures."""
+    folder = out / "cli" / name
+    log = out / "logs" / f"cli-{name}.log"
+    train, weights = _tiny_settings(out / "models")
+    train.update(VARIANTS[name])
+    train.update(
+        embeddings=str(out / "embeddings" / "index.json"),
+        output_dir=str(folder / "train"),
+        max_steps=MAX_STEPS,
+    )
+    train["evaluation"]["embeddings"] = str(out / "embeddings-held-out" / "index.json")
+    config = folder / "train.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(train))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+    launch += ["-m", "srpo", "train", "--config", str(config)]
+    started = time.perf_counter()
+    code = _stopped_run(launch, log, after=f"step {STOP_AFTER_STEP}/{MAX_STEPS}")
+    checkpoints = sorted((folder / "train" / "checkpoints").glob("step-*"))
+    if code == 0 or not checkpoints:
+        raise CheckFailed(f"{name}: SIGTERM did not stop training with a checkpoint (see {log})")
+    stopped_at = checkpoints[-1].name
+    _run(launch, log)
+    if "resumed from" not in log.read_text():
+        raise CheckFailed(f"{name}: the second run did not resume (see {log})")
+    latest = sorted((folder / "train" / "checkpoints").glob("step-*"))[-1]
+    export = folder / "export"
+    base = str(out / "models" / "flux")
+    _run(_srpo("export", str(latest), "--base-model", base, "--out-dir", str(export)), log)
+    samples = folder / "samples"
+    transformer = folder / "train" / "model" / "diffusion_pytorch_model.safetensors"
+    _run(
+        _srpo(
+            "sample", "--base-model", base, "--transformer", str(transformer), "--prompts",
+            str(out / "prompts" / "eval.csv"), "--out-dir", str(samples), "--steps", "4",
+            "--height", "64", "--width", "64", "--max-sequence-length", "32",
+        ),
+        log,
+    )  # fmt: skip
+    _run(_srpo("gather-samples", str(samples)), log)
+    scores = {}
+    for metric in SCORED:
+        target = folder / "scores" / f"{metric}.parquet"
+        options = [f"--weight={key}={value}" for key, value in sorted(weights[metric].items())]
+        _run(
+            _srpo(
+                "score", "--metric", metric, "--samples", f"srpo={samples}", *options,
+                "--out", str(target),
+            ),
+            log,
+        )  # fmt: skip
+        scores[metric] = target.with_suffix(".csv").read_text().splitlines()[:3]
+    eval_csv = (folder / "train" / "eval.csv").read_text().splitlines()
+    return {
+        "stopped_at": stopped_at,
+        "final_checkpoint": latest.name,
+        "eval_csv": eval_csv,
+        "scores": scores,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _cli(out: Path) -> dict:
+    _prepare(out)
+    results: dict = {}
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:
+        futures = {name: pool.submit(_variant, out, name) for name in VARIANTS}
+        for name, future in futures.items():
+            try:
+                results[name] = {"ok": True, **future.result()}
+            except CheckFailed as error:
+                results[name] = {"ok": False, "error": str(error)}
+    return {"ok": all(result["ok"] for result in results.values()), **results}
+
+
+def _bench(out: Path) -> dict:
+    _run(_srpo("bench", "--suite", "gpu", "--size", "full", "--out-dir", str(out / "bench")),
+         out / "logs" / "bench.log")  # fmt: skip
+    return {"ok": True, "files": sorted(p.name for p in (out / "bench").iterdir())}
+
+
+def _precision(out: Path) -> dict:
+    command = [sys.executable, "-m", "benchmarks.precision", "--size", "full"]
+    _run([*command, "--out-dir", str(out / "precision")], out / "logs" / "precision.log")
+    return {"ok": True, "files": sorted(p.name for p in (out / "precision").iterdir())}
+
+
+CHECKS: dict[str, Callable[[Path], dict]] = {"cli": _cli, "bench": _bench, "precision": _precision}
+
+
+def _machine() -> dict:
+    import torch
+
+    facts = {"python": sys.version.split()[0], "torch": torch.__version__}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["gpu_memory_mib"] = torch.cuda.get_device_properties(0).total_memory // 2**20
+    return facts
+
+
+def _passed(result: dict) -> bool:
+    """A part passed if it and each of its variants (the cli part's) did."""
+    inner = [value for value in result.values() if isinstance(value, dict) and "ok" in value]
+    return result.get("ok", True) and all(value["ok"] for value in inner)
+
+
+@app.command()
+def main(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for every output, log and summary.")],
+    part: Annotated[
+        list[str] | None,
+        typer.Option(help=f"Part to run, repeatable: {', '.join(PARTS)} (default: all, in order)."),
+    ] = None,
+) -> None:
+    """Run the checks on this machine's GPU and write OUT_DIR/summary.json."""
+    chosen = part or list(PARTS)
+    if unknown := sorted(set(chosen) - set(PARTS)):
+        raise typer.BadParameter(f"unknown part(s) {unknown}; expected some of {PARTS}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"machine": _machine(), "parts": {}}
+    started = time.perf_counter()
+    for name in chosen:
+        begun = time.perf_counter()
+        try:
+            result = CHECKS[name](out_dir)
+        except CheckFailed as error:
+            result = {"ok": False, "error": str(error)}
+        result["part_seconds"] = round(time.perf_counter() - begun, 1)
+        summary["parts"][name] = result
+        typer.echo(f"{name}: {json.dumps(result)[:2000]}")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    failed = [name for name, result in summary["parts"].items() if not _passed(result)]
+    passed = len(chosen) - len(failed)
+    typer.echo(f"gpu check: {passed} of {len(chosen)} parts passed in {summary['seconds']} s")
+    if failed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
