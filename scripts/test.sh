@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up the environment (idempotent) and run the test suite stage by stage:
-# lint → unit → distributed → bench → workflow → metric-envs → slurm → containers. Stops at the first
-# failing stage. `bash scripts/test.sh STAGE...` runs only those stages (setup always runs).
+# lint → unit → distributed → torch-floor → bench → workflow → metric-envs → slurm → containers.
+# Stops at the first failing stage. `bash scripts/test.sh STAGE...` runs only those stages (setup
+# always runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
@@ -16,9 +17,10 @@ stage() {
   echo "=== stage $name passed in $((SECONDS - start)) s"
 }
 
-# The metric environments belong to setup: the tiny default scores HPSv3 in its own (workflow).
+# The metric environments belong to setup: the tiny default scores HPSv3 in its own (workflow);
+# so does .venv-torch-floor, the oldest supported torch (torch-floor).
 stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps --require-hashes -r envs/test-reference.lock.txt &&
-  bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward'
+  bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward && bash envs/torch-floor-env.sh'
 export PATH="$PWD/.venv/bin:$PATH"
 # `snakemake --lint` with published images runs in the containers stage, once they exist (the
 # workflow stage checks its one notice before then).
@@ -27,6 +29,23 @@ stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Sn
   bash envs/lock.sh --check'
 stage unit .venv/bin/python -m pytest -q tests/unit
 stage distributed .venv/bin/python -m pytest -q tests/distributed
+# The bf16 / autocast training paths once more under the oldest torch pyproject.toml allows
+# (envs/torch-floor.in): GPU machines often have an older torch than the main lock, and FSDP2's
+# input cast under activation checkpointing differs there (GPU-FINDINGS bugs 2-3). Its bin/ goes
+# first on PATH, so nothing started by name (torchrun) falls back to .venv; the workers of the
+# tests and benchmarks run sys.executable, and the first line checks that it is this one.
+torch_floor_stage() (
+  export PATH="$PWD/.venv-torch-floor/bin:$PATH"
+  python -c 'import sys, torch; print(sys.prefix, "torch", torch.__version__)
+assert sys.prefix.endswith(".venv-torch-floor") and torch.__version__.startswith("2.11."), torch.__version__'
+  python -m pytest -q tests/unit/test_precision.py \
+    tests/distributed/test_learning.py::test_bf16_precision_policies_train \
+    tests/distributed/test_learning.py::test_fsdp2_gradients_equal_plain_autograd
+  out=$(mktemp -d)
+  python -m benchmarks --suite gpu --size smoke --out-dir "$out"
+  python -m benchmarks.precision --size smoke --out-dir "$out"
+)
+stage torch-floor torch_floor_stage
 # Both benchmark suites' and the precision comparison's code paths on the CPU (figures go to a
 # temporary folder; no timing is asserted): the committed figures come from their full sizes.
 stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --out-dir "$out" &&
