@@ -78,22 +78,35 @@ class TrainingState(Stateful):
 
 
 def rng_states() -> dict[str, Any]:
+    """This process's generators. Of the GPUs only the current one: each rank draws on its own
+    device, and a list of every visible GPU could not be restored where a process sees fewer
+    (one GPU per process on resume, say)."""
     states: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return states
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Restore `rng_states()`; from the files of earlier versions, which hold a list of every
+    visible GPU's state, this process's GPU takes its own entry, or keeps its state if the list
+    is too short to have one."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, list | tuple):
+        if device >= len(cuda):
+            return
+        cuda = cuda[device]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _reason(error: BaseException) -> str:

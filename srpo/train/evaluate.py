@@ -153,8 +153,9 @@ class HeldOutEvaluator:
             for name, paths in sorted(config.metrics.items())
         }
 
-    def _noise(self) -> torch.Tensor:
-        """Held-out prompt i gets the same noise at every evaluation and on any world size."""
+    def _noise(self, numbers: Sequence[int]) -> torch.Tensor:
+        """Held-out prompt i gets the same noise at every evaluation, on any world size and in
+        any batch."""
         return torch.cat(
             [
                 torch.randn(
@@ -163,16 +164,20 @@ class HeldOutEvaluator:
                         derive_seed(self.config.seed, "eval", number)
                     ),
                 )
-                for number in self.padded
+                for number in numbers
             ]
         ).to(self.ctx.device)
 
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, step: int) -> tuple[Evaluation, float]:
-        """The evaluation of `model` at `step` (same on every rank) and its seconds."""
-        started = time.perf_counter()
+    def _chunks(self) -> list[slice]:
+        """The rank's slots, `batch_size` at a time: as many chunks on every rank (padded slots
+        included), since each sharded forward of the rollout is collective."""
+        size = self.config.batch_size
+        return [slice(start, start + size) for start in range(0, len(self.padded), size)]
+
+    def _rollout(self, model: torch.nn.Module, numbers: Sequence[int]) -> torch.Tensor:
+        """Final latents of the held-out prompts `numbers`, sampled as one batch."""
         device = self.ctx.device
-        cond = self.cache.get(self.padded).to(device, torch.float32)
+        cond = self.cache.get(numbers).to(device, torch.float32)
         velocity = make_velocity(
             model,
             self.geometry,
@@ -183,16 +188,37 @@ class HeldOutEvaluator:
             self.guidance_embeds,
         )
         velocity = under_autocast(velocity, self.precision.transformer_autocast, device)
+        return euler_rollout(velocity, self._noise(numbers), self.sigmas)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, step: int) -> tuple[Evaluation, float]:
+        """The evaluation of `model` at `step` (same on every rank) and its seconds.
+
+        Sampled, decoded and scored `batch_size` prompts at a time, so memory does not grow
+        with the held-out set; the parameters stay gathered across all the rollouts (one
+        all-gather), and only the latents, which are small, wait for the decode.
+        """
+        started = time.perf_counter()
+        device = self.ctx.device
+        chunks = self._chunks()
         with kept_gathered(model):
-            latents = euler_rollout(velocity, self._noise(), self.sigmas)
+            latents = [self._rollout(model, self.padded[chunk]) for chunk in chunks]
         decode = under_autocast(self.vae.decode, self.precision.vae_autocast, device)
-        kept = len(self.numbers)
-        images = decode(latents)[:kept].float()
-        captions = cond.captions[:kept]
-        sums = [float(self.reward.score(images, captions).sum()) if kept else 0.0]
-        pictures = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.cpu()))
-        for metric in self.metrics.values():
-            sums.append(sum(metric.score(pictures, captions)) if kept else 0.0)
+        rewards: list[torch.Tensor] = []
+        scores: dict[str, list[float]] = {name: [] for name in self.metrics}
+        for chunk, chunk_latents in zip(chunks, latents, strict=True):
+            numbers = self.numbers[chunk]  # the chunk's prompts; the padding is not scored
+            if not numbers:
+                continue
+            images = decode(chunk_latents[: len(numbers)]).float()
+            captions = [self.cache.prompts[number] for number in numbers]
+            rewards.append(self.reward.score(images, captions))
+            pictures = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images.cpu()))
+            for name, metric in self.metrics.items():
+                scores[name].extend(metric.score(pictures, captions))
+        # each sum taken once over the rank's images in prompt order, as over one batch
+        sums = [float(torch.cat(rewards).sum()) if rewards else 0.0]
+        sums.extend(float(sum(scores[name])) for name in self.metrics)
         totals = torch.tensor(sums, dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         means = [float(total) / self.total for total in totals]

@@ -75,6 +75,30 @@ def test_held_out_metrics_are_logged_without_changing_training(
     assert all(torch.equal(want[name], got[name]) for name in want)
 
 
+def test_held_out_batches_of_one_give_the_figures_of_one_batch(
+    write_config, tiny_models, held_out, tmp_path
+):
+    """evaluation.batch_size 1 on two ranks under FSDP2: two chunks each, rank 1's second all
+    padding (rolled out all the same, as every rank runs the same forwards), and eval.csv holds
+    the figures of sampling each rank's prompts in one batch. The metrics score 8-bit pictures,
+    where a last-bit difference of a batched matmul can move a pixel by one level, so they get
+    a looser tolerance than the training reward, which scores the float images."""
+    frames = {}
+    for size in (8, 1):
+        evaluation = {
+            "every": 1,
+            "embeddings": str(held_out),
+            "steps": 3,
+            "metrics": watched(tiny_models),
+            "batch_size": size,
+        }
+        assert_ok(run_srpo(write_config(f"batch{size}", max_steps=1, evaluation=evaluation), 2))
+        frames[size] = pd.read_csv(tmp_path / f"batch{size}" / "eval.csv")
+    assert frames[1]["step"].tolist() == frames[8]["step"].tolist() == [0, 1]
+    for columns, rtol in ((["train_reward"], 1e-5), (["aesthetic", "pickscore"], 1e-4)):
+        pd.testing.assert_frame_equal(frames[1][columns], frames[8][columns], rtol=rtol, atol=0)
+
+
 def gameable_rewards(models: Path, out: Path) -> tuple[Path, Path]:
     """Two HPSv2.1 checkpoints in the real layout made from the tiny one, whose text tower maps
     every prompt to one vector: `reward` scores image·t whatever the prompt (so one direction of
