@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from srpo.train.attention import configure_attention
+
 T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -53,6 +55,7 @@ class DistributedContext:
         if torch.cuda.is_available():
             device, backend = torch.device("cuda", local_rank), "nccl"
             torch.cuda.set_device(device)
+            configure_attention(device)
         else:
             device, backend = torch.device("cpu"), "gloo"
         owns = False

@@ -8,6 +8,10 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 from support import HELD_OUT, HeldOutRollouts, assert_held_out_gain, assert_ok, run_srpo
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX as CHECKPOINT_PREFIX,
+)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from srpo.algorithm import SRPOSettings, control_prompts, srpo_losses
 from srpo.encode import EmbeddingCache, encode_prompts
@@ -83,15 +87,21 @@ def test_fsdp2_gradients_equal_plain_autograd(tiny_models, tiny_cache):
             mid=300, step=2, caption=cond.captions[0], settings=SRPOSettings(),
         )  # fmt: skip
         (losses["denoise"] + losses["inversion"]).backward()
-        return {
-            name: getattr(p.grad, "full_tensor", lambda g=p.grad: g)()
+        return {  # parameter names without checkpoint_wrapper's module prefix
+            name.replace(CHECKPOINT_PREFIX, ""): getattr(
+                p.grad, "full_tensor", lambda g=p.grad: g
+            )()
             for name, p in model.named_parameters()
         }
 
     want = gradients(plain)
     with DistributedContext.from_environment() as ctx:
-        sharded = shard_transformer(sharded_source, ctx.mesh(), torch.float32, True)
+        sharded = shard_transformer(sharded_source, ctx.mesh(), None, True)
         got = gradients(sharded)
+        # checkpoints and exports keep the plain model's names: the wrapper's prefix is not in
+        # the state dict, nor in what DCP saves
+        assert sharded.state_dict().keys() == plain.state_dict().keys()
+        assert get_model_state_dict(sharded).keys() == plain.state_dict().keys()
     assert want.keys() == got.keys()
     assert any(float(g.abs().sum()) > 0 for g in want.values())
     for name in want:
