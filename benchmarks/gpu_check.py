@@ -6,7 +6,8 @@ Three parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary
   policy and with LoRA (side by side, one process each): `torchrun … -m srpo train` stopped by
   SIGTERM after its first steps, resumed to the end (with its export), `srpo export`,
   `srpo sample` + `gather-samples` with the trained transformer, `srpo score` with three
-  metrics;
+  metrics; once more in fsdp-bf16 with every fused attention kernel off (srpo.train.attention),
+  which tells a kernel's fault from the rest's;
 - `bench`: `srpo bench --suite gpu --size full`;
 - `precision`: the precision policies side by side (`python -m benchmarks.precision`).
 A part that fails is reported and the next one still runs; the exit status is 1 if any failed.
@@ -28,6 +29,8 @@ from typing import Annotated
 import typer
 import yaml
 
+from srpo.train.attention import DISABLE_ENV, FUSED
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = "results/tiny/"
 PARTS = ("cli", "bench", "precision")
@@ -36,7 +39,10 @@ VARIANTS = {
     "fsdp-bf16": {"precision": "fsdp-bf16"},
     "autocast-bf16": {"precision": "autocast-bf16"},
     "lora": {"precision": "fsdp-bf16", "lora": {}},
+    "fsdp-bf16-unfused-attention": {"precision": "fsdp-bf16"},
 }
+VARIANT_ENV = {"fsdp-bf16-unfused-attention": {DISABLE_ENV: ",".join(FUSED)}}
+"""A variant with every fused attention kernel off: tells a kernel's fault from the rest's."""
 SCORED = ("hpsv2", "aesthetic", "pickscore")
 MAX_STEPS = 20
 STOP_AFTER_STEP = 2
@@ -51,25 +57,30 @@ def _srpo(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "srpo", *arguments]
 
 
-def _environment() -> dict[str, str]:
+def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The checkout first on the path, then whatever the caller had (the carried wheels)."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    fixed = {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **fixed, **(extra or {})}
 
 
-def _run(command: list[str], log: Path, expect: int = 0) -> None:
+def _run(
+    command: list[str], log: Path, expect: int = 0, extra: dict[str, str] | None = None
+) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle:
         handle.write(f"$ {' '.join(command)}\n")
         handle.flush()
         code = subprocess.call(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(), cwd=REPO
+            command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(extra), cwd=REPO
         )
     if code != expect:
         raise CheckFailed(f"{' '.join(command[2:5])}: exit {code}, expected {expect} (see {log})")
 
 
-def _stopped_run(command: list[str], log: Path, after: str) -> int:
+def _stopped_run(
+    command: list[str], log: Path, after: str, extra: dict[str, str] | None = None
+) -> int:
     """Run `command`, send SIGTERM once its output shows `after`; returns the exit status."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle:
@@ -79,7 +90,7 @@ def _stopped_run(command: list[str], log: Path, after: str) -> int:
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=_environment(),
+            env=_environment(extra),
             cwd=REPO,
             text=True,
         )
@@ -151,18 +162,21 @@ def _variant(out: Path, name: str) -> dict:
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     launch += ["-m", "srpo", "train", "--config", str(config)]
     started = time.perf_counter()
-    code = _stopped_run(launch, log, after=f"step {STOP_AFTER_STEP}/{MAX_STEPS}")
+    extra = VARIANT_ENV.get(name)
+    code = _stopped_run(launch, log, f"step {STOP_AFTER_STEP}/{MAX_STEPS}", extra)
     checkpoints = sorted((folder / "train" / "checkpoints").glob("step-*"))
     if code == 0 or not checkpoints:
         raise CheckFailed(f"{name}: SIGTERM did not stop training with a checkpoint (see {log})")
     stopped_at = checkpoints[-1].name
-    _run(launch, log)
+    _run(launch, log, extra=extra)
     if "resumed from" not in log.read_text():
         raise CheckFailed(f"{name}: the second run did not resume (see {log})")
     latest = sorted((folder / "train" / "checkpoints").glob("step-*"))[-1]
     export = folder / "export"
     base = str(out / "models" / "flux")
-    _run(_srpo("export", str(latest), "--base-model", base, "--out-dir", str(export)), log)
+    _run(
+        _srpo("export", str(latest), "--base-model", base, "--out-dir", str(export)), log, 0, extra
+    )
     samples = folder / "samples"
     transformer = folder / "train" / "model" / "diffusion_pytorch_model.safetensors"
     _run(
@@ -171,7 +185,7 @@ def _variant(out: Path, name: str) -> dict:
             str(out / "prompts" / "eval.csv"), "--out-dir", str(samples), "--steps", "4",
             "--height", "64", "--width", "64", "--max-sequence-length", "32",
         ),
-        log,
+        log, 0, extra,
     )  # fmt: skip
     _run(_srpo("gather-samples", str(samples)), log)
     scores = {}
@@ -183,9 +197,9 @@ def _variant(out: Path, name: str) -> dict:
                 "score", "--metric", metric, "--samples", f"srpo={samples}", *options,
                 "--out", str(target),
             ),
-            log,
+            log, 0, extra,
         )  # fmt: skip
-        scores[metric] = target.with_suffix(".csv").read_text().splitlines()[:3]
+        scores[metric] = _mean_score(target.with_suffix(".csv"))
     eval_csv = (folder / "train" / "eval.csv").read_text().splitlines()
     return {
         "stopped_at": stopped_at,
@@ -194,6 +208,12 @@ def _variant(out: Path, name: str) -> dict:
         "scores": scores,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _mean_score(table: Path) -> float:
+    import pandas
+
+    return float(pandas.read_csv(table)["score"].mean())
 
 
 def _cli(out: Path) -> dict:
@@ -206,6 +226,8 @@ def _cli(out: Path) -> dict:
                 results[name] = {"ok": True, **future.result()}
             except CheckFailed as error:
                 results[name] = {"ok": False, "error": str(error)}
+            # each variant's verdict as soon as it is known, should a later one hang
+            (out / "cli" / name / "result.json").write_text(json.dumps(results[name], indent=2))
     return {"ok": all(result["ok"] for result in results.values()), **results}
 
 

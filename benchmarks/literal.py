@@ -19,6 +19,7 @@ as ours, so both compute the same loss (tests/unit/test_bench.py checks it).
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import nullcontext
 
 import torch
@@ -41,6 +42,7 @@ from srpo.encode import EmbeddingCache
 from srpo.flux import LatentGeometry, load_transformer, load_vae, vae_scale_factor
 from srpo.rewards import load_reward
 from srpo.rewards.base import CLIP_MEAN, CLIP_STD
+from srpo.train.attention import DISABLE_ENV, FUSED, configure_attention
 from srpo.train.data import batch_prompt_numbers, sample_mid, step_noise
 from srpo.train.loop import StepStats
 from srpo.train.parallel import DistributedContext
@@ -54,6 +56,10 @@ class LiteralTrainer:
 
     def __init__(self, config: TrainConfig, ctx: DistributedContext, anomaly: bool) -> None:
         torch.autograd.set_detect_anomaly(anomaly)
+        if DISABLE_ENV not in os.environ:
+            # On an H200 with torch 2.11 this recipe's first step died with an illegal memory
+            # access, and ran with the unfused attention kernel (benchmarks/README.md).
+            configure_attention(ctx.device, {DISABLE_ENV: ",".join(FUSED)})
         self.config, self.ctx = config, ctx
         self.local_batch = config.batch_size // ctx.world_size
         self.cache = EmbeddingCache(config.embeddings)

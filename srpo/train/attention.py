@@ -1,10 +1,10 @@
 """Which fused attention (SDPA) kernels a CUDA process may use.
 
 A fused kernel whose backward is broken on a torch release fails silently (non-finite
-gradients) or kills the process (an illegal memory access); PyTorch then picks the next one of
-its priority list. `SRPO_SDPA_DISABLE` (comma-separated: flash, efficient, cudnn; `none` for
-none) overrides the default, e.g. to check a newer torch without the workaround.
-benchmarks/README.md ("Attention kernels on CUDA") says what was seen and where.
+gradients) or kills the process (an illegal memory access); with it switched off PyTorch picks
+the next one of its priority list, down to the unfused `math` kernel. `SRPO_SDPA_DISABLE`
+(comma-separated: flash, efficient, cudnn; `none`) chooses them for a process and everything
+it starts. benchmarks/README.md ("Attention kernels on CUDA") says what was seen and where.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ SWITCHES = {
     "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
     "cudnn": torch.backends.cuda.enable_cudnn_sdp,
 }
-BROKEN_BACKWARD: tuple[str, ...] = ("cudnn",)
-"""Disabled unless the environment says otherwise."""
+BROKEN_BACKWARD: tuple[str, ...] = ()
+"""Disabled unless the environment says otherwise: none is known broken in our use."""
+FUSED = tuple(SWITCHES)
 
 
 def disabled_kernels(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
