@@ -1,6 +1,8 @@
 """`srpo doctor`: a workflow config checked in one go before hours of cluster time are queued —
 weights present and verified, prompts readable, environments or images there, GPUs visible,
-disk enough for the outputs. Each check is a row; any failed row makes the exit status 2.
+disk enough for the outputs, GPU memory enough for the training config (its row gives the
+estimated peak per rank, srpo/memory.py). Each check is a row; any failed row makes the exit
+status 2.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def load_workflow_config(files: list[Path]) -> dict[str, Any]:
 class Doctor:
     """Runs every check of one workflow config; `rows` is the table."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], gpu_memory: int | None = None) -> None:
         self.config = config
+        self.gpu_memory = gpu_memory
+        """Bytes one GPU has for the memory check; None: the visible GPU's, else 80 GB."""
         self.out = Path("results") / config["run"]
         self.tiny = bool(config["tiny_models"])
         self.rows: list[Check] = []
@@ -136,7 +140,8 @@ class Doctor:
         except InputError as error:
             self.add("train", str(path), "fail", str(error))
             return
-        self.add("train", str(path), "ok", f"valid; batch {settings.batch_size}")
+        status, memory = self.memory(settings)
+        self.add("train", str(path), status, f"valid, batch {settings.batch_size}; {memory}")
         self.settings = settings
         reward = settings.reward
         for key in ("checkpoint", "model_config_path", "model_path", "processor_path"):
@@ -268,6 +273,58 @@ class Doctor:
         )
         self.add("disk", str(self.out), "ok" if need < free else "fail", detail)
 
+    # ------------------------------------------------------------------ memory
+    def memory(self, settings: Any) -> tuple[str, str]:
+        """(status, detail) of the training config's peak GPU memory per rank at W = nodes ×
+        nproc_per_node against one GPU's memory (srpo/memory.py)."""
+        from srpo.memory import HEADROOM, estimate, gpu_bytes, model_configs, size, verdict
+
+        train = self.config["train"]
+        world = int(train.get("nodes", 1)) * int(train.get("nproc_per_node", 1))
+        if self.gpu_memory is None:
+            limit, source = gpu_bytes()
+        else:
+            limit, source = self.gpu_memory, "given"
+        try:
+            models = model_configs(settings, **self.tiny_models(settings))
+            text_tokens = int(self.config["encode"]["max_sequence_length"])
+            result = estimate(settings, world, models, text_tokens)
+        except Exception as error:  # an estimate must not stop the other checks
+            return "warn", f"memory not estimated at W={world}: {type(error).__name__}: {error}"
+        status = verdict(result, limit)
+        limit_text = f"{size(limit)} GPU ({source})"
+        if status == "fail":
+            lead = f"does not fit: peak {size(result.peak)} per rank > {limit_text}"
+        elif status == "warn":
+            lead = (
+                f"tight: peak above {HEADROOM:.0%} of the {limit_text}, before the CUDA "
+                "context, NCCL buffers and fragmentation"
+            )
+        else:
+            lead = f"fits the {limit_text}"
+        notes = "".join(f"; {note}" for note in result.notes)
+        return status, f"{lead}; {result.summary()}{notes}"
+
+    def tiny_models(self, settings: Any) -> dict[str, Any]:
+        """Configs of the tiny build's models, when the config uses them before they exist."""
+        if not self.tiny or Path(settings.base_model, "transformer").is_dir():
+            return {}
+        from srpo.rewards.hpsv2 import TINY_CONFIG
+        from srpo.tiny import tiny_transformer, tiny_vae
+
+        def plain(model: Any) -> dict[str, Any]:
+            return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+        models: dict[str, Any] = {
+            "transformer": plain(tiny_transformer(0)),
+            "vae": plain(tiny_vae(0)),
+            "published_metrics": False,
+        }
+        path = settings.reward.model_config_path
+        if settings.reward.kind == "hpsv2" and path and not Path(path).is_file():
+            models["reward"] = TINY_CONFIG
+        return models
+
     def run(self) -> list[Check]:
         for check in (self.weights, self.prompts, self.environments, self.gpus, self.disk):
             check()
@@ -282,7 +339,9 @@ def _size(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def diagnose(files: list[Path]) -> Doctor:
-    doctor = Doctor(load_workflow_config(files))
+def diagnose(files: list[Path], gpu_memory: int | None = None) -> Doctor:
+    """Every check of the workflow config `files`; `gpu_memory`: bytes of one GPU for the
+    memory check (default: the visible GPU's, else 80 GB)."""
+    doctor = Doctor(load_workflow_config(files), gpu_memory)
     doctor.run()
     return doctor
