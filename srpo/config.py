@@ -183,7 +183,9 @@ class EvaluationConfig(_Section):
         description="metric name -> its weight files, the keyword arguments of `srpo score` "
         "(e.g. aesthetic: {clip_checkpoint: …, mlp_checkpoint: …})",
     )
-    batch_size: int = Field(8, ge=1, description="images per metric forward")
+    batch_size: int = Field(
+        8, ge=1, description="held-out prompts per rollout, decode and metric forward"
+    )
     collapse: CollapseGuardConfig = CollapseGuardConfig()
 
     @model_validator(mode="after")
