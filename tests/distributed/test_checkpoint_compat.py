@@ -6,6 +6,7 @@ the meta device. The keys of the state dict, DCP and the export must not change.
 says how it was made.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 from support import REPO, assert_ok, checkpoints, run_env, run_srpo
@@ -36,6 +36,10 @@ def stored(checkpoint: Path) -> dict[str, tuple[int, ...] | None]:
     return {key: tuple(getattr(item, "size", ())) or None for key, item in metadata.items()}
 
 
+def run_config(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "provenance.json").read_text())["config"]
+
+
 def plain_keys(base_model: Path) -> set[str]:
     """The state-dict keys of the plain, unwrapped FluxTransformer2DModel."""
     config = FluxTransformer2DModel.load_config(str(base_model), subfolder="transformer")
@@ -47,9 +51,12 @@ def test_new_checkpoint_has_the_old_keys(write_config, tmp_path, tiny_models):
     """A checkpoint the current trainer writes (activation checkpointing on, as in the fixture)
     has the same DCP keys and shapes as 0029819's. Its model keys are the plain model's."""
     config = write_config("new", max_steps=1, checkpoint_every=1)
-    assert yaml.safe_load(config.read_text()).get("activation_checkpointing", True)
-    assert_ok(run_srpo(config, 1))
-    new, old = stored(checkpoints(tmp_path / "new").latest()), stored(OLD_CHECKPOINT)
+    result = run_srpo(config, 1)
+    written = checkpoints(tmp_path / "new").latest()
+    assert written is not None, result.stdout[-3000:] + result.stderr[-3000:]
+    for checkpoint in (written, OLD_CHECKPOINT):  # the wrapped blocks are what is tested
+        assert run_config(checkpoint)["activation_checkpointing"] is True, checkpoint
+    new, old = stored(written), stored(OLD_CHECKPOINT)
     assert sorted(new) == sorted(old), (
         f"only in new: {sorted(new.keys() - old.keys())[:5]}, "
         f"only in old: {sorted(old.keys() - new.keys())[:5]}"
@@ -57,6 +64,7 @@ def test_new_checkpoint_has_the_old_keys(write_config, tmp_path, tiny_models):
     assert new == old
     model_keys = {key.removeprefix("app.model.") for key in new if key.startswith("app.model.")}
     assert model_keys == plain_keys(tiny_models / "flux")
+    assert_ok(result)  # the run's own export reads its checkpoint back under the plain names
 
 
 def test_export_of_old_checkpoint_is_unchanged(tmp_path, tiny_models):
