@@ -41,3 +41,23 @@ def _huge_kib(**env: str) -> int:
 def test_the_trainers_large_tensors_sit_on_huge_pages_unless_the_environment_says_no():
     assert _huge_kib() >= 32 * 1024
     assert _huge_kib(THP_MEM_ALLOC_ENABLE="0") == 0
+
+
+def test_a_gpu_process_group_is_bound_to_its_device(monkeypatch):
+    """NCCL is told its GPU when the group is made (`device_id`), not left to guess it."""
+    import torch
+    import torch.distributed as dist
+
+    from srpo.train import parallel
+
+    made = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(parallel, "configure_attention", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: made.update(kwargs))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    ctx = parallel.DistributedContext.from_environment()
+    assert ctx.device == torch.device("cuda", 3) and ctx.backend == "nccl"
+    assert made["device_id"] == torch.device("cuda", 3)

@@ -29,3 +29,23 @@ def test_under_autocast_runs_the_call_in_that_dtype():
     assert under_autocast(layer, torch.float16, cpu)(x).dtype == torch.float16
     assert under_autocast(layer, None, cpu) is layer
     assert layer(x).dtype == torch.float32  # nothing leaks out of the call
+
+
+def test_fsdp2_casts_only_under_fsdp_bf16():
+    """fp32 master weights computed as they are ask FSDP2 for no cast: a cast to fp32 would
+    also cast each block's inputs (the autocast policy's bf16 activations up to fp32)."""
+    assert POLICIES["fsdp-bf16"].fsdp_param_dtype == torch.bfloat16
+    assert POLICIES["fp32"].fsdp_param_dtype is None
+    assert POLICIES["autocast-bf16"].fsdp_param_dtype is None
+
+
+def test_autocast_keeps_no_weight_cache():
+    """Autocast's cache would hold a low-precision copy of every weight for the whole call: the
+    whole gathered model under a kept gather."""
+    seen = []
+
+    def call():
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled()))
+
+    under_autocast(call, torch.bfloat16, torch.device("cpu"))()
+    assert seen == [(True, False)]
