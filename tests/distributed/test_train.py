@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from support import (
+    REPO,
     TRAIN_PROMPTS,
     assert_ok,
     assert_same_update,
@@ -20,6 +21,7 @@ from support import (
     kill_tree,
     run_env,
     run_srpo,
+    srpo_command,
     start_srpo,
     terminate_once_resumed,
 )
@@ -288,3 +290,21 @@ def test_stop_skips_a_save_that_cannot_fit(write_config, tmp_path):
     assert latest.name == "step-00000002"
     assert f"resume from {latest}" in err
     assert not list((tmp_path / "slow" / "checkpoints").glob(".step-*.partial"))
+
+
+def test_resume_is_decided_by_rank_0(write_config, tmp_path):
+    """Rank 1 lists no checkpoint (a shared file system showing rank 0's rename late): both
+    ranks still resume from rank 0's newest, instead of one loading (collectively) alone."""
+    assert_ok(run_srpo(write_config("run", max_steps=2, checkpoint_every=1), 2))
+    late = Path(__file__).parent / "late_listing"
+    result = subprocess.run(
+        srpo_command(write_config("run", max_steps=3, checkpoint_every=1), 2),
+        cwd=REPO,
+        env=run_env(PYTHONPATH=str(late)),
+        capture_output=True,
+        text=True,
+        timeout=300,  # a rank left out of a collective would hang until then
+    )
+    assert_ok(result)
+    assert "resumed from" in result.stdout and "at step 2" in result.stdout
+    assert checkpoints(tmp_path / "run").latest().name == "step-00000003"
