@@ -21,10 +21,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 import yaml
@@ -64,13 +65,20 @@ def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **fixed, **(extra or {})}
 
 
+@contextmanager
+def _logged(command: list[str], log: Path, note: str = "") -> Iterator[TextIO]:
+    """`log` opened for appending, the command line written first."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as handle:
+        handle.write(f"$ {' '.join(command)}{note}\n")
+        handle.flush()
+        yield handle
+
+
 def _run(
     command: list[str], log: Path, expect: int = 0, extra: dict[str, str] | None = None
 ) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        handle.write(f"$ {' '.join(command)}\n")
-        handle.flush()
+    with _logged(command, log) as handle:
         code = subprocess.call(
             command, stdout=handle, stderr=subprocess.STDOUT, env=_environment(extra), cwd=REPO
         )
@@ -82,10 +90,7 @@ def _stopped_run(
     command: list[str], log: Path, after: str, extra: dict[str, str] | None = None
 ) -> int:
     """Run `command`, send SIGTERM once its output shows `after`; returns the exit status."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as handle:
-        handle.write(f"$ {' '.join(command)}  (SIGTERM after {after!r})\n")
-        handle.flush()
+    with _logged(command, log, f"  (SIGTERM after {after!r})") as handle:
         process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -216,11 +221,11 @@ def _mean_score(table: Path) -> float:
     return float(pandas.read_csv(table)["score"].mean())
 
 
-def _cli(out: Path) -> dict:
+def _cli(out: Path, variants: list[str]) -> dict:
     _prepare(out)
     results: dict = {}
-    with ThreadPoolExecutor(len(VARIANTS)) as pool:
-        futures = {name: pool.submit(_variant, out, name) for name in VARIANTS}
+    with ThreadPoolExecutor(len(variants)) as pool:
+        futures = {name: pool.submit(_variant, out, name) for name in variants}
         for name, future in futures.items():
             try:
                 results[name] = {"ok": True, **future.result()}
@@ -231,19 +236,24 @@ def _cli(out: Path) -> dict:
     return {"ok": all(result["ok"] for result in results.values()), **results}
 
 
-def _bench(out: Path) -> dict:
+def _bench(out: Path, variants: list[str]) -> dict:
     _run(_srpo("bench", "--suite", "gpu", "--size", "full", "--out-dir", str(out / "bench")),
          out / "logs" / "bench.log")  # fmt: skip
     return {"ok": True, "files": sorted(p.name for p in (out / "bench").iterdir())}
 
 
-def _precision(out: Path) -> dict:
+def _precision(out: Path, variants: list[str]) -> dict:
     command = [sys.executable, "-m", "benchmarks.precision", "--size", "full"]
     _run([*command, "--out-dir", str(out / "precision")], out / "logs" / "precision.log")
     return {"ok": True, "files": sorted(p.name for p in (out / "precision").iterdir())}
 
 
-CHECKS: dict[str, Callable[[Path], dict]] = {"cli": _cli, "bench": _bench, "precision": _precision}
+CHECKS: dict[str, Callable[[Path, list[str]], dict]] = {
+    "cli": _cli,
+    "bench": _bench,
+    "precision": _precision,
+}
+"""Each part, given the output folder and the cli part's variants (the others ignore them)."""
 
 
 def _machine() -> dict:
@@ -269,18 +279,27 @@ def main(
         list[str] | None,
         typer.Option(help=f"Part to run, repeatable: {', '.join(PARTS)} (default: all, in order)."),
     ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"The cli part's variants, repeatable: {', '.join(VARIANTS)} (default: all)."
+        ),
+    ] = None,
 ) -> None:
     """Run the checks on this machine's GPU and write OUT_DIR/summary.json."""
     chosen = part or list(PARTS)
     if unknown := sorted(set(chosen) - set(PARTS)):
         raise typer.BadParameter(f"unknown part(s) {unknown}; expected some of {PARTS}")
+    variants = variant or list(VARIANTS)
+    if unknown := sorted(set(variants) - set(VARIANTS)):
+        raise typer.BadParameter(f"unknown variant(s) {unknown}; expected some of {[*VARIANTS]}")
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict = {"machine": _machine(), "parts": {}}
     started = time.perf_counter()
     for name in chosen:
         begun = time.perf_counter()
         try:
-            result = CHECKS[name](out_dir)
+            result = CHECKS[name](out_dir, variants)
         except CheckFailed as error:
             result = {"ok": False, "error": str(error)}
         result["part_seconds"] = round(time.perf_counter() - begun, 1)

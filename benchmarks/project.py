@@ -24,19 +24,8 @@ from __future__ import annotations
 import torch
 
 from benchmarks.flops import train_step_flops, transformer_forward_flops
+from srpo.memory import FLUX_DEV_TRANSFORMER as FLUX_DEV
 
-FLUX_DEV = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
 GPU_BF16_DENSE_TFLOPS = {"H100 SXM": 989.4, "H20": 148.0}
 """Vendor datasheet peaks (dense, no sparsity)."""
 PAPER = {"updates": 19, "ranks": 32, "px": 720, "text_tokens": 512, "rollout_steps": 25}

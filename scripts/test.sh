@@ -48,9 +48,12 @@ assert sys.prefix.endswith(".venv-torch-floor") and torch.__version__.startswith
 stage torch-floor torch_floor_stage
 # Both benchmark suites' and the precision comparison's code paths on the CPU (figures go to a
 # temporary folder; no timing is asserted): the committed figures come from their full sizes.
+# Then the GPU machine check's own path (benchmarks/gpu.sh, nothing to install) on its fp32
+# variant: train, SIGTERM, resume, export, sample, score.
 stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --out-dir "$out" &&
   srpo bench --suite gpu --size smoke --out-dir "$out" &&
-  python -m benchmarks.precision --size smoke --out-dir "$out"'
+  python -m benchmarks.precision --size smoke --out-dir "$out" &&
+  mkdir "$out/no-wheels" && bash benchmarks/gpu.sh "$out/no-wheels" "$out/check" --part cli --variant fp32'
 # Debian's Chromium for the HTML report's browser test (installed once; needs root).
 stage workflow bash -c 'bash tests/workflow/install-browser.sh &&
   SRPO_REQUIRE_BROWSER=1 .venv/bin/python -m pytest -q tests/workflow'

@@ -136,8 +136,9 @@ def test_a_train_step_forward_runs_on_cuda(
     tiny_models, tiny_cache, tmp_path, monkeypatch, precision, fuse
 ):
     """Rollout, both Direct-Align branches, VAE decode and reward on fake CUDA tensors, under
-    each policy's autocast. Autograd's engine needs a real GPU for CUDA tensors, so the
-    backward is left to the meta-device test below."""
+    each policy's dtypes (torch turns autocast itself off without a GPU, with a warning).
+    Autograd's engine needs a real GPU for CUDA tensors, so the backward is left to the
+    meta-device test below."""
     monkeypatch.setattr(srpo.train.loop, "float", lambda value: 0.0, raising=False)
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: None)
     with FakeCuda() as mode:
