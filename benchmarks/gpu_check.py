@@ -1,7 +1,9 @@
 """Check a CUDA machine end to end: `python -m benchmarks.gpu_check OUT_DIR` (benchmarks/gpu.sh
 runs it after installing the carried wheels).
 
-Three parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary.json:
+Four parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary.json:
+- `kernels`: each fused attention kernel's bf16 backward against the unfused one on a FLUX
+  block and the FLUX VAE's middle block (benchmarks/attention_probe.py);
 - `cli`: the tiny default's command-line path as users run it, on the GPU, in every precision
   policy and with LoRA (side by side, one process each): `torchrun … -m srpo train` stopped by
   SIGTERM after its first steps, resumed to the end (with its export), `srpo export`,
@@ -34,7 +36,7 @@ from srpo.train.attention import DISABLE_ENV, FUSED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = "results/tiny/"
-PARTS = ("cli", "bench", "precision")
+PARTS = ("kernels", "cli", "bench", "precision")
 VARIANTS = {
     "fp32": {"precision": "fp32"},
     "fsdp-bf16": {"precision": "fsdp-bf16"},
@@ -236,6 +238,19 @@ def _cli(out: Path, variants: list[str]) -> dict:
     return {"ok": all(result["ok"] for result in results.values()), **results}
 
 
+def _kernels(out: Path, variants: list[str]) -> dict:
+    """Each fused attention kernel against the unfused one (benchmarks/attention_probe.py)."""
+    import torch
+
+    from benchmarks.attention_probe import probe
+
+    device, size = ("cuda", "real") if torch.cuda.is_available() else ("cpu", "tiny")
+    rows = probe(size, device)
+    (out / "attention-kernels.json").write_text(json.dumps(rows, indent=2))
+    broken = sorted({row["kernel"] for row in rows if row["broken"]})
+    return {"ok": not broken, "broken": broken, "size": size}
+
+
 def _bench(out: Path, variants: list[str]) -> dict:
     _run(_srpo("bench", "--suite", "gpu", "--size", "full", "--out-dir", str(out / "bench")),
          out / "logs" / "bench.log")  # fmt: skip
@@ -249,6 +264,7 @@ def _precision(out: Path, variants: list[str]) -> dict:
 
 
 CHECKS: dict[str, Callable[[Path, list[str]], dict]] = {
+    "kernels": _kernels,
     "cli": _cli,
     "bench": _bench,
     "precision": _precision,
