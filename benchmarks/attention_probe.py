@@ -159,7 +159,8 @@ def main(
         return
     rows = probe(size, device)
     for row in rows:
-        verdict = "BROKEN" if row["broken"] else "ok"
+        missing = any(reason in row.get("error", "") for reason in UNAVAILABLE)
+        verdict = "BROKEN" if row["broken"] else "n/a" if missing else "ok"
         detail = row.get("error") or f"finite={row['finite']} |grad|={row['input_grad_norm']:.6g}"
         typer.echo(f"{row['case']:14s} {row['kernel']:10s} {verdict:7s} {detail}")
     broken = sorted({row["kernel"] for row in rows if row["broken"] and row["kernel"] != "math"})
