@@ -308,3 +308,21 @@ def test_resume_is_decided_by_rank_0(write_config, tmp_path):
     assert_ok(result)
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
     assert checkpoints(tmp_path / "run").latest().name == "step-00000003"
+
+
+def test_only_rank_0_reads_the_base_weights(write_config, tmp_path):
+    """The other ranks build the transformer on the meta device and receive their shards: on a
+    node of 8 GPUs one host copy of the fp32 model, not 8."""
+    loads = tmp_path / "loads.txt"
+    result = subprocess.run(
+        srpo_command(write_config("run", max_steps=1), 2),
+        cwd=REPO,
+        env=run_env(
+            PYTHONPATH=str(Path(__file__).parent / "rank_loads"), SRPO_TEST_LOADS=str(loads)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_ok(result)
+    assert loads.read_text().split() == ["0"]
