@@ -16,8 +16,8 @@ from pydantic import (
     model_validator,
 )
 
-from srpo.algorithm import SRPOSettings
 from srpo.io import InputError
+from srpo.settings import SRPOSettings
 
 
 class _Section(BaseModel):
@@ -190,13 +190,14 @@ class EvaluationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_enabled(self) -> EvaluationConfig:
-        from srpo.rewards.metric import METRICS
+        if self.metrics:  # the registry imports the metric models (torch): only when needed
+            from srpo.rewards.metric import METRICS
 
-        for name in self.metrics:
-            if name not in METRICS:
-                raise ValueError(
-                    f"metrics.{name}: unknown metric; expected one of {', '.join(METRICS)}"
-                )
+            for name in self.metrics:
+                if name not in METRICS:
+                    raise ValueError(
+                        f"metrics.{name}: unknown metric; expected one of {', '.join(METRICS)}"
+                    )
         for name in self.collapse.margins:
             if name not in self.metrics:
                 raise ValueError(
