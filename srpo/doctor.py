@@ -148,6 +148,10 @@ class Doctor:
             value = getattr(reward, key)
             if value:
                 self.pretrained(f"{path}: reward.{key}", value, key in HUB_KEYS)
+        for metric, files in sorted(settings.evaluation.metrics.items()):
+            for key, value in sorted(files.items()):
+                where = f"{path}: evaluation.metrics.{metric}.{key}"
+                self.pretrained(where, value, key in HUB_KEYS)
 
     def scored(self) -> list[str]:
         return self.config.get("scored_metrics") or list(self.config["metrics"])

@@ -150,7 +150,7 @@ def test_paper_sbatch_arguments(tmp_path):
     folder = copy_workflow(tmp_path, "slurm", "tests")
     paper = folder / "results" / "paper"
     for name in ("prompts/train.txt", "prompts/eval.csv", "prompts/manifest.json",
-                 "embeddings/index.json"):  # fmt: skip
+                 "embeddings/index.json", "embeddings-held-out/index.json"):  # fmt: skip
         (paper / name).parent.mkdir(parents=True, exist_ok=True)
         (paper / name).write_text("placeholder\n")
         time.sleep(0.05)

@@ -135,3 +135,17 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: batch_size: Input should be greater than or equal to 1"
     ]
+
+
+def test_the_paper_run_watches_held_out_metrics_and_stops_on_collapse():
+    """config/train-paper.yaml: metrics other than the training reward, at the steps where
+    SRPO's effect peaks and at the last, sized for 32 GPUs (one chunk of 8 per rank)."""
+    config = load_train_config(REPO / "config" / "train-paper.yaml")
+    evaluation = config.evaluation
+    assert config.reward.kind not in evaluation.metrics
+    assert set(evaluation.metrics) == {"aesthetic", "pickscore"}
+    due = [s for s in range(config.max_steps + 1) if s % evaluation.every == 0]
+    assert sorted({*due, config.max_steps}) == [0, 10, 19]
+    assert evaluation.max_prompts == 32 * evaluation.batch_size
+    assert set(evaluation.collapse.margins) == set(evaluation.metrics)
+    assert evaluation.collapse.stop

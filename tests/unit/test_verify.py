@@ -136,13 +136,36 @@ def doctor_rows(output: str) -> dict[str, str]:
 
 def test_doctor_passes_the_tiny_default_before_any_run(tmp_path):
     folder = copy_workflow(tmp_path / "wf")
-    result = srpo("doctor", cwd=folder, PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    result = srpo("doctor", cwd=folder, PATH=path, COLUMNS="250")  # fewer wrapped rows
     assert result.returncode == 0, result.stdout + result.stderr
     rows = doctor_rows(result.stdout)
     assert rows["flux_transformer"] == rows["base_model"] == rows["bundled"] == "ok"
     assert rows["hpsv3"] == rows["main"] == rows["visible"] == "ok"
     assert rows["results/tiny"] == "ok"
+    held_out = "config/train-tiny.yaml: evaluation.metrics"
+    assert rows[f"{held_out}.aesthetic.model_config"] == "ok"  # made by the tiny build
+    assert rows[f"{held_out}.pickscore.model_path"] == "ok"
     assert "0 failed" in result.stdout
+
+
+def test_doctor_checks_the_paper_runs_held_out_metrics(tmp_path, monkeypatch):
+    """PickScore's hub ids get a row each (the aesthetic files already have theirs, under
+    `weights:`); offline and without a cache they fail in one line."""
+    from srpo.doctor import Doctor, load_workflow_config
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    doctor = Doctor(load_workflow_config([REPO / "config" / "paper.yaml"]))
+    doctor.train_config()
+    rows = {row.subject: row for row in doctor.rows}
+    held_out = "config/train-paper.yaml: evaluation.metrics"
+    assert rows["config/train-paper.yaml"].status in {"ok", "warn"}
+    for key in ("model_path", "processor_path"):
+        row = rows[f"{held_out}.pickscore.{key}"]
+        assert row.status == "fail", row.detail
+    assert not any(subject.startswith(f"{held_out}.aesthetic") for subject in rows)
 
 
 def test_doctor_fails_a_corrupt_weight_and_a_missing_environment(tiny_models, tmp_path):
@@ -163,7 +186,7 @@ def test_doctor_fails_a_corrupt_weight_and_a_missing_environment(tiny_models, tm
         "fail: environment: hpsv3: srpo-hpsv3 not on PATH: run `bash envs/metric-env.sh hpsv3`",
         "fail: environment: main: srpo not on PATH: run `bash scripts/setup.sh`",
     ]
-    assert "27 checks, 3 failed" in result.stdout
+    assert "31 checks, 3 failed" in result.stdout
 
 
 def test_doctor_bad_config_is_one_line(tmp_path):

@@ -137,6 +137,7 @@ def test_broken_config_fails_at_dag_time(tmp_path, edit, message):
 def test_paper_dag_on_slurm_profile_without_weights(workdir):
     planned = jobs_planned(snakemake(workdir, "-n", "--profile", "profiles/slurm"))
     assert planned["train_srpo"] == 1 and planned["sample_eval"] == 32
+    assert planned["encode_held_out"] == 1  # the run's held-out evaluation (train-paper.yaml)
     assert {f"score_{m}" for m in ("hpsv2", "hpsv3", "aesthetic", "pickscore", "imagereward")} <= (
         set(planned)
     )
