@@ -17,6 +17,7 @@ A part that fails is reported and the next one still runs; the exit status is 1 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from typing import Annotated, TextIO
 import typer
 import yaml
 
+from benchmarks.run import checkout_pythonpath
 from srpo.train.attention import DISABLE_ENV, FUSED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +64,7 @@ def _srpo(*arguments: str) -> list[str]:
 
 def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The checkout first on the path, then whatever the caller had (the carried wheels)."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    fixed = {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    fixed = {"PYTHONPATH": checkout_pythonpath(), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return {**os.environ, **fixed, **(extra or {})}
 
 
@@ -238,7 +239,7 @@ def _cli(out: Path, variants: list[str]) -> dict:
     return {"ok": all(result["ok"] for result in results.values()), **results}
 
 
-def _kernels(out: Path, variants: list[str]) -> dict:
+def _kernels(out: Path) -> dict:
     """Each fused attention kernel against the unfused one (benchmarks/attention_probe.py)."""
     import torch
 
@@ -251,25 +252,29 @@ def _kernels(out: Path, variants: list[str]) -> dict:
     return {"ok": not broken, "broken": broken, "size": size}
 
 
-def _bench(out: Path, variants: list[str]) -> dict:
-    _run(_srpo("bench", "--suite", "gpu", "--size", "full", "--out-dir", str(out / "bench")),
-         out / "logs" / "bench.log")  # fmt: skip
-    return {"ok": True, "files": sorted(p.name for p in (out / "bench").iterdir())}
+def _written(command: list[str], out: Path, name: str) -> dict:
+    """`command --out-dir OUT/name`, logged to OUT/logs/name.log; the files it wrote."""
+    _run([*command, "--out-dir", str(out / name)], out / "logs" / f"{name}.log")
+    return {"ok": True, "files": sorted(p.name for p in (out / name).iterdir())}
 
 
-def _precision(out: Path, variants: list[str]) -> dict:
-    command = [sys.executable, "-m", "benchmarks.precision", "--size", "full"]
-    _run([*command, "--out-dir", str(out / "precision")], out / "logs" / "precision.log")
-    return {"ok": True, "files": sorted(p.name for p in (out / "precision").iterdir())}
+def _bench(out: Path) -> dict:
+    return _written(_srpo("bench", "--suite", "gpu", "--size", "full"), out, "bench")
 
 
-CHECKS: dict[str, Callable[[Path, list[str]], dict]] = {
+def _precision(out: Path) -> dict:
+    return _written(
+        [sys.executable, "-m", "benchmarks.precision", "--size", "full"], out, "precision"
+    )
+
+
+CHECKS: dict[str, Callable[[Path], dict]] = {
     "kernels": _kernels,
     "cli": _cli,
     "bench": _bench,
     "precision": _precision,
 }
-"""Each part, given the output folder and the cli part's variants (the others ignore them)."""
+"""Each part, given the output folder (the cli part also its variants, bound in `main`)."""
 
 
 def _machine() -> dict:
@@ -310,12 +315,13 @@ def main(
     if unknown := sorted(set(variants) - set(VARIANTS)):
         raise typer.BadParameter(f"unknown variant(s) {unknown}; expected some of {[*VARIANTS]}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    checks = {**CHECKS, "cli": functools.partial(_cli, variants=variants)}
     summary: dict = {"machine": _machine(), "parts": {}}
     started = time.perf_counter()
     for name in chosen:
         begun = time.perf_counter()
         try:
-            result = CHECKS[name](out_dir, variants)
+            result = checks[name](out_dir)
         except CheckFailed as error:
             result = {"ok": False, "error": str(error)}
         result["part_seconds"] = round(time.perf_counter() - begun, 1)

@@ -68,10 +68,14 @@ def _train_config(models: BenchModels, spec: ModelSpec, suite: Suite, batch: int
     return path
 
 
+def checkout_pythonpath() -> str:
+    """PYTHONPATH for a worker: the checkout first, then whatever the caller had (packages
+    installed with --target, as benchmarks/gpu.sh does)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def _run(command: list[str], threads: int, extra_env: dict[str, str] | None = None) -> None:
-    # The checkout first, then whatever the caller had (packages installed with --target).
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": checkout_pythonpath()}
     env.update(extra_env or {})
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if result.returncode:

@@ -4,7 +4,7 @@ A fused kernel whose backward is broken on a torch release fails silently (non-f
 gradients) or kills the process (an illegal memory access); with it switched off PyTorch picks
 the next one of its priority list, down to the unfused `math` kernel. `SRPO_SDPA_DISABLE`
 (comma-separated: flash, efficient, cudnn; `none`) chooses them for a process and everything
-it starts. benchmarks/README.md ("Attention kernels on CUDA") says what was seen and where.
+it starts. benchmarks/README.md ("GPU: the H200 runs of 2026-12-04") says what was seen and where.
 """
 
 from __future__ import annotations
