@@ -441,29 +441,14 @@ def _policy(policy: str):
     return POLICIES[policy]
 
 
-def _autocast(dtype: torch.dtype | None, device_type: str):
-    from contextlib import nullcontext
-
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
-
-
 def flux_for_measurement(config_json: str, checkpointing: bool) -> torch.nn.Module:
     """The transformer as `shard_transformer` leaves it: each block in a non-reentrant
     `checkpoint_wrapper` (with `checkpointing`). Build it where it should live (fake, meta)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        checkpoint_wrapper,
-    )
+    from srpo.train.parallel import checkpoint_blocks
 
     model = _build(config_json, "transformer")
     if checkpointing:
-        for blocks in (model.transformer_blocks, model.single_transformer_blocks):
-            for index, block in enumerate(blocks):
-                blocks[index] = checkpoint_wrapper(
-                    block, checkpoint_impl=CheckpointImpl.NO_REENTRANT
-                )
+        checkpoint_blocks(model)
     return model
 
 
@@ -506,15 +491,17 @@ def run_transformer_call(
     """One call as the trainer makes it: FSDP2's cast of the inputs to the compute dtype, the
     policy's autocast, the root's cast of the output to fp32; then, with `grad`, the backward.
     `meter` (`LiveBytes` or `CudaBytes`) is entered around it."""
+    from srpo.train.precision import under_autocast
+
     chosen = _policy(policy)
-    device_type = next(model.parameters()).device.type
+    device = next(model.parameters()).device
+    call = under_autocast(model, chosen.transformer_autocast, device)
     with meter, torch.set_grad_enabled(grad):
         cast = {
             key: value.to(chosen.transformer_dtype) if value is not None else None
             for key, value in inputs.items()
         }
-        with _autocast(chosen.transformer_autocast, device_type):
-            output = model(**cast, return_dict=False)[0].float()
+        output = call(**cast, return_dict=False)[0].float()
         del cast
         forward_peak, saved = meter.peak, meter.live
         if grad:

@@ -137,17 +137,23 @@ def shard_transformer(
     # autograd (tests/distributed/test_learning.py), so FSDP2's caution is noise here.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-        for index, block in enumerate(blocks):
-            if activation_checkpointing:
-                block = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-                blocks[index] = block
-            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    if activation_checkpointing:
+        checkpoint_blocks(transformer)
+    for block in _flux_blocks(transformer):
+        fully_shard(block, mesh=mesh, mp_policy=block_policy)
     root_policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32
     )
     fully_shard(transformer, mesh=mesh, mp_policy=root_policy)
     return transformer
+
+
+def checkpoint_blocks(transformer: torch.nn.Module) -> None:
+    """Each FLUX block replaced by itself in a non-reentrant `checkpoint_wrapper`: its
+    activations are recomputed in the backward instead of kept."""
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def load_full_state(
