@@ -16,9 +16,10 @@
 # ones CI tests here; every pin is installed with its hashes from envs/NAME.lock.txt.
 #
 # Idempotent: the environment is re-built only when its lock or the main lock changes. Either
-# way the command `srpo-NAME` (this environment's `srpo`) is (re)written into the main .venv's
-# bin/, so that the workflow's rules of this environment find it on the main PATH, here and in
-# the image of NAME alike.
+# way the commands `srpo-NAME` and `torchrun-NAME` (this environment's `srpo` and `torchrun`) are
+# (re)written into the main .venv's bin/, so that the workflow's rules of this environment (its
+# scoring; training with its reward) find them on the main PATH, here and in the image of NAME
+# alike.
 #
 # Usage (from anywhere): bash envs/metric-env.sh NAME   (needs the main .venv first)
 set -euo pipefail
@@ -30,15 +31,21 @@ venv=$root/.venv-$name
 [[ -f $lock ]] || { echo "metric-env: no lock $lock (names: hpsv3, imagereward)" >&2; exit 1; }
 [[ -x $main/bin/python ]] || { echo "metric-env: create the main environment $main first" >&2; exit 1; }
 
-# The `srpo` of this environment, on the main environment's PATH.
+# `launcher FILE MODULE`: FILE runs `python -m MODULE` of this environment.
 launcher() {
-  printf '#!/bin/sh\nexec "%s" -m srpo "$@"\n' "$venv/bin/python" > "$1"
+  printf '#!/bin/sh\nexec "%s" -m %s "$@"\n' "$venv/bin/python" "$2" > "$1"
   chmod +x "$1"
+}
+# This environment's srpo and torchrun on the main environment's PATH (torchrun's workers run
+# the interpreter that runs it).
+main_launchers() {
+  launcher "$main/bin/srpo-$name" srpo
+  launcher "$main/bin/torchrun-$name" torch.distributed.run
 }
 stamp=$venv/.locks.sha256
 want=$(cat "$lock" "$root/envs/main.lock.txt" | sha256sum | cut -d' ' -f1)
 if [[ -x $venv/bin/srpo && "$(cat "$stamp" 2> /dev/null)" == "$want" ]]; then
-  launcher "$main/bin/srpo-$name"
+  main_launchers
   echo "$venv is up to date with its lock"
   exit 0
 fi
@@ -79,7 +86,7 @@ main_site=$("$main/bin/python" -c "$purelib")
 echo "import site; site.addsitedir('$main_site')" > "$("$venv/bin/python" -c "$purelib")/zz-main-venv.pth"
 # The `srpo` command of this environment, also as `srpo-NAME` in the main one (score_<metric>
 # rules run `srpo-NAME score`); the main .venv's console script would start the main interpreter.
-launcher "$venv/bin/srpo"
-launcher "$main/bin/srpo-$name"
+launcher "$venv/bin/srpo" srpo
+main_launchers
 echo "$want" > "$stamp"
 echo "created $venv: $(grep -c . "$overlay") packages of its own over $main"

@@ -10,18 +10,29 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONHASHSEED=0 HF_HUB_OFFLINE=1
 only=" $* "
 stage() {
   local name=$1; shift
-  [[ $name == setup || $only == "  " || $only == *" $name "* ]] || return 0
+  [[ $name == setup ]] || selected "$name" || return 0
   local start=$SECONDS
   echo "=== stage: $name"
   "$@"
   echo "=== stage $name passed in $((SECONDS - start)) s"
 }
 
-# The metric environments belong to setup: the tiny default scores HPSv3 in its own (workflow);
-# so does .venv-torch-floor, the oldest supported torch (torch-floor).
+selected() { [[ $only == "  " || $only == *" $1 "* ]]; }
+
+# The metric environments belong to setup: the tiny default scores HPSv3 in its own (workflow).
 stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps --require-hashes -r envs/test-reference.lock.txt &&
-  bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward && bash envs/torch-floor-env.sh'
+  bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward'
 export PATH="$PWD/.venv/bin:$PATH"
+# .venv-torch-floor, the oldest supported torch, is a download of several GB: it installs in the
+# background while the stages before torch-floor run (they leave a core free), which waits for it.
+floor_log=build/torch-floor-env.log
+if selected torch-floor; then
+  mkdir -p build
+  bash envs/torch-floor-env.sh > "$floor_log" 2>&1 &
+  floor_pid=$!
+  # A stage failing first ends the run: the install stops with it (it starts afresh next time).
+  trap '[[ -z $floor_pid ]] || kill "$floor_pid" 2> /dev/null || true' EXIT
+fi
 # `snakemake --lint` with published images runs in the containers stage, once they exist (the
 # workflow stage checks its one notice before then).
 stage lint bash -c 'ruff check . && ruff format --check . && snakefmt --check Snakefile workflow &&
@@ -34,7 +45,14 @@ stage distributed .venv/bin/python -m pytest -q tests/distributed
 # input cast under activation checkpointing differs there (GPU-FINDINGS bugs 2-3). Its bin/ goes
 # first on PATH, so nothing started by name (torchrun) falls back to .venv; the workers of the
 # tests and benchmarks run sys.executable, and the first line checks that it is this one.
-torch_floor_stage() (
+torch_floor_stage() {
+  local start=$SECONDS
+  wait "$floor_pid" || { cat "$floor_log"; echo "torch-floor: envs/torch-floor-env.sh failed" >&2; return 1; }
+  floor_pid=
+  echo "waited $((SECONDS - start)) s for the background install of .venv-torch-floor: $(tail -n 1 "$floor_log")"
+  torch_floor_tests
+}
+torch_floor_tests() (
   export PATH="$PWD/.venv-torch-floor/bin:$PATH"
   python -c 'import sys, torch; print(sys.prefix, "torch", torch.__version__)
 assert sys.prefix.endswith(".venv-torch-floor") and torch.__version__.startswith("2.11."), torch.__version__'

@@ -93,6 +93,10 @@ class RewardConfig(_Section):
         """The reward models this section loads: its kind, or the kinds of its mix."""
         return list(self.mix or {}) if self.kind == "mix" else [self.kind]
 
+    def paths_of(self, kind: str) -> list[str]:
+        """The files or folders (or hub ids) of reward model `kind` that this section names."""
+        return [getattr(self, key) for key in REWARD_FILES[kind] if getattr(self, key)]
+
     def weight_paths(self) -> dict[str, str]:
         """Every file or folder (or hub id) the reward loads, by its key in this section."""
         return {

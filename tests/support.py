@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import yaml
 from diffusers import FluxTransformer2DModel
 
 from srpo.algorithm import euler_rollout, sigma_schedule
@@ -103,6 +104,28 @@ def copy_workflow(folder: Path, *extra: str) -> Path:
         else:
             shutil.copy(source, folder / name)
     return folder
+
+
+MIX_REWARD = {
+    "kind": "mix",
+    "mix": {"hpsv2": 1.0, "hpsv3": 0.5},
+    "hpsv3_checkpoint": "results/tiny/models/hpsv3/HPSv3.safetensors",
+    "hpsv3_config": "results/tiny/models/hpsv3/HPSv3_tiny.yaml",
+}
+"""The tiny default's reward with the tiny HPSv3 added: its models need the hpsv3 environment."""
+
+
+def mix_training(folder: Path, **training: object) -> str:
+    """In a workflow copy, config/mix.yaml: the tiny default trained on the reward mix
+    {hpsv2: 1.0, hpsv3: 0.5} (config/train-mix.yaml, with `training`'s keys); its file name."""
+    config = folder / "config"
+    settings = yaml.safe_load((config / "train-tiny.yaml").read_text())
+    settings["reward"] = {**settings["reward"], **MIX_REWARD}
+    (config / "train-mix.yaml").write_text(yaml.safe_dump({**settings, **training}))
+    workflow = yaml.safe_load((config / "config.yaml").read_text())
+    workflow["train"]["config"] = "config/train-mix.yaml"
+    (config / "mix.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False))
+    return "config/mix.yaml"
 
 
 def venv_env(**extra: str) -> dict[str, str]:

@@ -34,8 +34,9 @@ from srpo.rewards.metric import Metric
 from srpo.rewards.packaged import first_line, import_package, require_file
 
 ENVIRONMENT = "hpsv3"
-TRAIN_COMMAND = ".venv-hpsv3/bin/python -m torch.distributed.run [torchrun options] -m srpo train"
-"""How a training job with an HPSv3 reward is launched (`srpo-hpsv3 train` for one process)."""
+TRAIN_COMMAND = "torchrun-hpsv3 [torchrun options] -m srpo train"
+"""How a training job with an HPSv3 reward is launched outside the workflow, which runs it so
+itself (`srpo-hpsv3 train` for one process; both written by envs/metric-env.sh)."""
 PIXEL_RANGE = 255.0
 """The processor's `rescale_factor` is 1/255: it expects 0–255 pixel values, ours are in [0, 1]."""
 CHECKPOINT_NAME = "HPSv3.safetensors"

@@ -25,6 +25,7 @@ from transformers import (
     CLIPProcessor,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.base import RewardModel
@@ -62,7 +63,7 @@ class PickScoreReward(RewardModel):
         return self.score_scale / REWARD_LOGIT_DIVISOR
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
+        return _projected(self.model.get_image_features(pixel_values=pixels))
 
     def _embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(
@@ -72,9 +73,18 @@ class PickScoreReward(RewardModel):
             max_length=self.model.config.text_config.max_position_embeddings,
             return_tensors="pt",
         ).to(self._device)
-        return self.model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        ).pooler_output
+        return _projected(
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
+        )
+
+
+def _projected(features: torch.Tensor | BaseModelOutputWithPooling) -> torch.Tensor:
+    """The projected CLIP embedding: transformers 5 returns it as the output's pooler_output,
+    transformers 4 (the hpsv3 environment, where a PickScore held-out metric or mix reward of an
+    HPSv3 training runs) as the tensor itself."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
 
 
 def _reason(path: str | Path, error: Exception) -> str:
@@ -185,4 +195,8 @@ def build_tiny(out_dir: Path, seed: int = 0) -> Path:
     with atomic_path(out_dir) as staged:
         model.save_pretrained(staged)
         processor.save_pretrained(staged)
+        # preprocessor_config.json too, as the published folder has it: transformers 4 (the
+        # hpsv3 environment, where held-out evaluation runs when training with HPSv3) reads
+        # only that one.
+        processor.image_processor.save_pretrained(staged)
     return out_dir

@@ -1,6 +1,6 @@
 """The built CPU images (bash containers/build.sh --variant cpu --push REGISTRY): they hold the
-locks CI tested, the tiny workflow run inside the main image writes the same bytes as outside,
-and the paper dry run lists every job with its image by digest.
+locks CI tested, the tiny workflow run with every rule in the image of its environment writes the
+same bytes as outside, and the paper dry run lists every job with its image by digest.
 
 Skipped when the images are not built, unless SRPO_REQUIRE_CONTAINERS=1 (CI, stage containers).
 """
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, copy_workflow, run_env
+from support import REPO, copy_workflow, mix_training, run_env
 
 BIN = Path(sys.executable).parent
 STAND_IN = Path(__file__).parent / "apptainer-stand-in"
+ON_DOCKER = Path(__file__).parent / "apptainer-on-docker"
 ENVS = ("main", "hpsv3", "imagereward")
 ENGINE = os.environ.get("SRPO_CONTAINER_ENGINE", "docker")
-# Files of the tiny workflow that must be byte-identical inside and outside the image: every
+# Files of the tiny workflow that must be byte-identical inside and outside the images: every
 # model, embedding, checkpoint shard, export, image, score and figure. Logs, benchmarks,
 # manifests, provenance and TensorBoard events hold times, hosts and the Python patch version;
 # `rng-rank*.pt` and DCP's `.metadata` hold pickled process state.
@@ -30,9 +31,6 @@ DETERMINISTIC = re.compile(
     r"|tables/overall\.md$|/config\.json$|tokenizer(_config)?\.json$|source\.json$"
 )
 NOT_DETERMINISTIC = re.compile(r"/rng-rank\d+\.pt$|/logs/|/benchmarks/")
-# The main image holds the main environment only: the metrics of the hpsv3 and imagereward
-# environments run in their own images (under --sdm apptainer, one image per rule).
-MAIN_ENV_METRICS = "scored_metrics=[hpsv2,aesthetic,pickscore]"
 
 
 def image_exists(tag: str) -> bool:
@@ -76,14 +74,16 @@ def test_image_holds_the_locks_ci_tested(env, tmp_path):
     assert f"has rich 15.0.0, but {lock} pins 14.0.0" in result.stderr
 
 
-def tiny_workflow(folder: Path, *runner: str) -> dict[str, str]:
-    """Run the tiny workflow in a copy of the repository's workflow files; sha256 per output."""
+def tiny_workflow(folder: Path, *options: str, **env: str) -> dict[str, str]:
+    """The tiny default trained on the reward mix {hpsv2: 1.0, hpsv3: 0.5}, which needs the
+    hpsv3 environment, run in a copy of the repository's workflow files; sha256 per output."""
     copy_workflow(folder)
-    env = run_env(PATH=f"{BIN}:{run_env()['PATH']}", HF_HUB_OFFLINE="1")
+    mix = mix_training(folder, max_steps=4)
+    path = ":".join([*env.pop("PATH", "").split(":"), str(BIN), run_env()["PATH"]]).lstrip(":")
     result = subprocess.run(
-        [*runner, "snakemake", "--cores", "2", "--config", MAIN_ENV_METRICS],
+        [str(BIN / "snakemake"), "--cores", "2", "--configfile", mix, *options],
         cwd=folder,
-        env=env,
+        env=run_env(PATH=path, HF_HUB_OFFLINE="1", **env),
         capture_output=True,
         text=True,
         timeout=1800,
@@ -96,14 +96,19 @@ def tiny_workflow(folder: Path, *runner: str) -> dict[str, str]:
     }
 
 
-def test_tiny_workflow_in_the_image_writes_the_same_bytes(tmp_path):
+def test_tiny_workflow_in_the_images_writes_the_same_bytes(tmp_path):
+    """`--sdm apptainer`, each job in the image config/containers.yaml gives its rule (run by
+    Docker through tests/containers/apptainer-on-docker): training in the hpsv3 image, as its
+    reward needs; every deterministic output equals the run outside containers."""
     outside = tiny_workflow(tmp_path / "outside")
-    inside_dir = tmp_path / "inside"
-    inside_dir.mkdir()
-    os.chown(inside_dir, 1000, 1000)  # the image's user
-    docker = [ENGINE, "run", "--rm", "-v", f"{inside_dir}:/work", "--user", "1000:1000"]
-    docker += [f"--env={name}=1" for name in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")]
-    inside = tiny_workflow(inside_dir, *docker, "--env=PYTHONHASHSEED=0", "srpo-main:cpu")
+    jobs = tmp_path / "jobs.tsv"
+    inside = tiny_workflow(
+        tmp_path / "inside",
+        "--sdm",
+        "apptainer",
+        PATH=str(ON_DOCKER),
+        APPTAINER_STAND_IN_LOG=str(jobs),
+    )
     # The same files, but for TensorBoard's event file (named by time, host and pid).
     events = re.compile(r"/events\.out\.tfevents\.[^/]+$")
     assert {events.sub("/events", name) for name in inside} == {
@@ -119,14 +124,31 @@ def test_tiny_workflow_in_the_image_writes_the_same_bytes(tmp_path):
     # Every stage of the pipeline is among the files compared.
     for stage in (
         "models/flux/",
+        "models/hpsv3/",
         "embeddings/",
         "train/checkpoints/",
         "train/model/",
         "samples/srpo/images/",
-        "scores/",
+        "scores/hpsv3.parquet",
         "report/figures/",
     ):
         assert any(stage in name for name in compared), stage
+    # Each job ran in the image of its rule's environment: training in hpsv3's.
+    images = yaml.safe_load((REPO / "config" / "containers.yaml").read_text())["containers"]
+    pushed = {env: images["images"][env].removeprefix("docker://") for env in ENVS}
+    ran = [line.split("\t", 1) for line in jobs.read_text().splitlines()]
+    expected = {
+        " make-tiny results/tiny/models > ": "main",
+        " make-tiny results/tiny/models --part hpsv3 ": "hpsv3",
+        "torchrun-hpsv3 --shutdown-timeout": "hpsv3",
+        "srpo score --metric hpsv2 ": "main",
+        "srpo-hpsv3 score --metric hpsv3 ": "hpsv3",
+        "srpo report ": "main",
+    }
+    for needle, env in expected.items():
+        found = [image for image, command in ran if needle in command]
+        assert found == [pushed[env]], (needle, found)
+    assert len(ran) == len({command for _, command in ran}) >= 15
 
 
 def test_paper_dry_run_lists_every_job_with_its_pushed_image():

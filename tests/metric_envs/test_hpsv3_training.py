@@ -1,7 +1,8 @@
 """Training with the HPSv3 reward, end to end on tiny models, in the hpsv3 environment.
 
-HPSv3 needs transformers 4.45 (.venv-hpsv3), so the training job runs there, launched as users
-do: `.venv-hpsv3/bin/python -m torch.distributed.run … -m srpo train`. The FLUX models and text
+HPSv3 needs transformers 4.45 (.venv-hpsv3), so the training job runs there, launched as the
+workflow's `torchrun-hpsv3 … -m srpo train` does: that environment's interpreter running
+`-m torch.distributed.run`. The FLUX models and text
 caches are built by the main environment's `srpo` (transformers 5 writes them), as the workflow
 does. Run: .venv-hpsv3/bin/python -m pytest tests/metric_envs/test_hpsv3_training.py.
 """

@@ -72,35 +72,6 @@ def field(record: str, name: str) -> str:
     return match[1] if match else ""
 
 
-def test_tiny_workflow_through_sbatch(tmp_path):
-    folder = copy_workflow(tmp_path, "slurm", "tests")
-    watcher = JobWatcher()
-    watcher.start()
-    result = snakemake(folder)
-    watcher.stop.set()
-    watcher.join()
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    assert (folder / "results" / "tiny" / "report" / "report.md").is_file()
-    submitted = re.findall(r"submitted with SLURM jobid (\d+)|SLURM run ID: (\d+)", log)
-    assert len(submitted) >= 12, log[-3000:]
-    names = {field(record, "JobName"): record for record in watcher.jobs.values()}
-    train = next(r for r in watcher.jobs.values() if "train_srpo" in r)
-    assert field(train, "NumCPUs") == "2" and field(train, "TimeLimit") == "01:00:00"
-    assert field(train, "MinMemoryNode") in {"8000M", "8G"} or "mem=8000M" in train
-    assert names, "no running job was observed"
-    state = json.loads(
-        next(
-            (folder / "results/tiny/train/checkpoints").glob("step-*/train_state.json")
-        ).read_text()
-    )
-    assert state["world_size"] == 2  # two processes inside ONE Slurm job
-    shards = list((folder / "results/tiny/samples").glob("*/manifests/shard-???-of-???.json"))
-    granted = {json.loads(m.read_text())["provenance"]["environment"]["CUDA_VISIBLE_DEVICES"]
-               for m in shards}  # fmt: skip
-    assert shards and granted <= {"0", "1"}, granted  # one fake GPU each, from Slurm
-
-
 def wait_for_job(comment: str, process: subprocess.Popen, timeout: float = 600) -> str:
     """The id of the running Slurm job whose comment names `comment` (the rule)."""
     deadline = time.monotonic() + timeout
@@ -117,7 +88,11 @@ def wait_for_job(comment: str, process: subprocess.Popen, timeout: float = 600) 
     raise AssertionError(f"no running {comment} job within {timeout} s")
 
 
-def test_scancel_fails_the_job_and_a_rerun_completes_the_rest(tmp_path):
+def test_tiny_workflow_through_sbatch_after_a_cancelled_training(tmp_path):
+    """The tiny workflow in real sbatch jobs. `scancel` on the training job fails it within
+    seconds, with no partial export; the re-run submits only what is missing, each job with the
+    resources the profile gives its rule, and completes the report. One run for both, since a
+    second whole run through sbatch would repeat every job before training."""
     folder = copy_workflow(tmp_path, "slurm", "tests")
     process = subprocess.Popen([SNAKEMAKE, *OVERRIDE], cwd=folder, env=venv_env(), text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -125,19 +100,41 @@ def test_scancel_fails_the_job_and_a_rerun_completes_the_rest(tmp_path):
     time.sleep(3)
     subprocess.run(["scancel", job], check=True, timeout=30)
     started = time.monotonic()
-    _, err = process.communicate(timeout=600)
+    first_out, first_err = process.communicate(timeout=600)
     assert process.returncode != 0
     assert time.monotonic() - started < 300, "snakemake took too long to notice the cancel"
-    assert "train_srpo" in err and "Error" in err, err[-3000:]
+    assert "train_srpo" in first_err and "Error" in first_err, first_err[-3000:]
     model = folder / "results" / "tiny" / "train" / "model"
     assert not model.exists(), "a cancelled training left a (partial) export"
 
     plan = snakemake(folder, "-n")
     planned = set(re.findall(r"^(\w+)\s+\d+\s*$", plan.stdout.split("Job stats:")[1], re.M))
     assert "train_srpo" in planned and not planned & {"prepare_prompts", "encode_prompts"}
+    watcher = JobWatcher()
+    watcher.start()
     result = snakemake(folder)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    watcher.stop.set()
+    watcher.join()
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
     assert (folder / "results" / "tiny" / "report" / "report.md").is_file()
+    pattern = r"submitted with SLURM jobid (\d+)|SLURM run ID: (\d+)"
+    submitted = re.findall(pattern, first_out + first_err + log)
+    assert len(submitted) >= 12, log[-3000:]
+    assert watcher.jobs, "no running job was observed"
+    train = next(r for r in watcher.jobs.values() if "train_srpo" in r)
+    assert field(train, "NumCPUs") == "2" and field(train, "TimeLimit") == "01:00:00"
+    assert field(train, "MinMemoryNode") in {"8000M", "8G"} or "mem=8000M" in train
+    state = json.loads(
+        next(
+            (folder / "results/tiny/train/checkpoints").glob("step-*/train_state.json")
+        ).read_text()
+    )
+    assert state["world_size"] == 2  # two processes inside ONE Slurm job
+    shards = list((folder / "results/tiny/samples").glob("*/manifests/shard-???-of-???.json"))
+    granted = {json.loads(m.read_text())["provenance"]["environment"]["CUDA_VISIBLE_DEVICES"]
+               for m in shards}  # fmt: skip
+    assert shards and granted <= {"0", "1"}, granted  # one fake GPU each, from Slurm
 
 
 def test_paper_sbatch_arguments(tmp_path):

@@ -4,13 +4,15 @@ The workflow files (Snakefile, workflow/, config/) are copied into a temporary f
 run writes its results/ there, exactly as `snakemake --cores 2` does at the repository root.
 """
 
+import json
 import re
 import shutil
 import subprocess
+from importlib import metadata
 
 import pytest
 import yaml
-from support import REPO, snakemake
+from support import REPO, copy_workflow, mix_training, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -84,6 +86,72 @@ def test_one_target_recomputes_only_what_it_needs(finished):
     assert planned == {"score_hpsv2": 1}
     # Made again, so that the tests after this one start from a finished workflow.
     assert snakemake(finished, "--cores", "2", target).returncode == 0
+
+
+def test_training_with_an_hpsv3_mix_runs_in_its_environment(finished, tmp_path):
+    """A training reward that needs the hpsv3 environment (a mix with HPSv3) trains there, with
+    no step by hand, and the run goes on to the report; nothing before training reruns."""
+    folder = tmp_path / "mix"
+    shutil.copytree(finished, folder, symlinks=True)
+    mix = mix_training(folder, max_steps=4)
+    planned = jobs_planned(snakemake(folder, "-n", "--cores", "2", "--configfile", mix))
+    assert {"train_srpo", "report"} <= set(planned)
+    assert not set(planned) & {"prepare_prompts", "encode_prompts", "build_tiny_hpsv3"}
+    result = snakemake(folder, "--cores", "2", "--configfile", mix)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tiny = folder / "results" / "tiny"
+    assert "trained to step 4" in (tiny / "logs" / "train_srpo.log").read_text()
+    checkpoint = sorted((tiny / "train" / "checkpoints").glob("step-*"))[-1]
+    packages = json.loads((checkpoint / "provenance.json").read_text())["packages"]
+    hpsv3_lock = (REPO / "envs" / "hpsv3.lock.txt").read_text()
+    assert f"\ntransformers=={packages['transformers']} " in hpsv3_lock  # its environment's
+    assert packages["transformers"] != metadata.version("transformers")  # not main's
+    config = yaml.safe_load((checkpoint / "provenance.json").read_text())["config"]
+    assert config["reward"]["mix"] == {"hpsv2": 1.0, "hpsv3": 0.5}
+    report = (tiny / "report" / "report.md").read_text()
+    assert "| tiny SRPO |" in report and "config/mix.yaml" in report
+
+
+@pytest.mark.parametrize(
+    ("mix", "procs", "launch"),
+    [
+        (False, 2, "torchrun --shutdown-timeout 30 --standalone --nproc-per-node 2 -m srpo train"),
+        (True, 2, "torchrun-hpsv3 --shutdown-timeout 30 --standalone --nproc-per-node 2 -m srpo"),
+        (True, 1, "srpo-hpsv3 train --config config/train-mix.yaml"),
+    ],
+)
+def test_train_srpo_command_of_its_reward_environment(workdir, tmp_path, mix, procs, launch):
+    folder = copy_workflow(tmp_path)
+    config = yaml.safe_load(
+        (folder / (mix_training(folder) if mix else "config/config.yaml")).read_text()
+    )
+    config["train"]["nproc_per_node"] = procs
+    (folder / "config" / "launch.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    target = "results/tiny/train/model/diffusion_pytorch_model.safetensors"
+    result = snakemake(folder, "-n", "-p", target, "--configfile", "config/launch.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    command = next(line for line in result.stdout.splitlines() if " train --config " in line)
+    assert launch in command, command
+    # HPSv3's tiny model is built (in its environment) before training reads it.
+    assert ("models/manifest-hpsv3.json" in result.stdout.split("rule train_srpo:")[1]) == mix
+
+
+def test_rewards_of_two_environments_fail_at_dag_time(tmp_path):
+    folder = copy_workflow(tmp_path)
+    containers = folder / "config" / "containers.yaml"
+    containers.write_text(containers.read_text().replace(
+        "score_pickscore: main", "score_pickscore: imagereward"))  # fmt: skip
+    mix = mix_training(folder)
+    training = folder / "config" / "train-mix.yaml"
+    settings = yaml.safe_load(training.read_text())
+    settings["reward"].update(mix={"pickscore": 1.0, "hpsv3": 0.5}, model_path="m")
+    training.write_text(yaml.safe_dump(settings))
+    result = snakemake(folder, "-n", "--cores", "1", "--configfile", mix)
+    assert result.returncode != 0
+    assert (
+        "config/train-mix.yaml: reward: ['hpsv3', 'pickscore'] need the environments"
+        " ['hpsv3', 'imagereward'], which cannot run in one training process"
+    ) in result.stdout + result.stderr
 
 
 def test_snakemake_report_html(finished):

@@ -51,8 +51,9 @@ SCORED = scored_metrics()
 
 
 def config_overrides():
-    """`--config KEY=VALUE` of the command line, as `srpo report --config-override` options."""
-    overrides = workflow.config_settings.overwrite_config or {}
+    """`--config KEY=VALUE` of the command line, as `srpo report --config-override` options
+    (not the `--configfile` keys, which Snakemake's overwrite_config holds too)."""
+    overrides = workflow.config_settings.config or {}
     return " ".join(
         shlex.quote(f"--config-override={key}={json.dumps(value)}")
         for key, value in sorted(overrides.items())
@@ -86,7 +87,7 @@ def image_of(rule_name):
     """The image (by digest) of the rule's environment in config/containers.yaml; None, so no
     container, while the images are not built (containers.smk refuses --sdm apptainer then).
     """
-    return CONTAINER_IMAGES.get(CONTAINER_RULES.get(rule_name))
+    return CONTAINER_IMAGES.get(rule_env(rule_name))
 
 
 def command_steps():
@@ -110,6 +111,7 @@ def check_containers():
             raise WorkflowError(
                 f"config/containers.yaml: containers.rules has no environment for {step.name}"
             )
+        env = rule_env(step.name)
         if (
             CONTAINER_IMAGES.get(env) is not None
             and step.container_img != CONTAINER_IMAGES[env]
@@ -118,7 +120,7 @@ def check_containers():
                 f"{step.name}: container: {step.container_img!r} is not the image of its"
                 f" environment {env} ({CONTAINER_IMAGES[env]}); use image_of({step.name!r})"
             )
-    missing = unpublished(CONTAINER_RULES[step.name] for step in command_steps())
+    missing = unpublished(rule_env(step.name) for step in command_steps())
     if missing:
         raise WorkflowError(
             f"config/containers.yaml: {missing} is null: build and push the images first"
@@ -151,7 +153,7 @@ def lint_unpublished_images():
 def list_containers():
     """Each step's environment and image, so that a dry run shows the image of every job."""
     lines = [
-        f"    {step.name:<20} {CONTAINER_RULES[step.name]:<12} {step.container_img}"
+        f"    {step.name:<20} {rule_env(step.name):<12} {step.container_img}"
         for step in sorted(workflow.rules, key=lambda step: step.name)
         if step.container_img
     ]
@@ -197,17 +199,26 @@ def held_out_embeddings():
     return []
 
 
-def train_reward_paths():
-    """The reward weights the training config names (every model of a `mix` too); none if
-    its `reward:` section is invalid: `srpo train` then says why."""
+def train_reward():
+    """The training config's `reward:` section, or None if it is invalid: `srpo train` then
+    says why."""
     from pydantic import ValidationError
     from srpo.config import RewardConfig
 
     try:
-        reward = RewardConfig.model_validate(train_settings().get("reward") or {})
+        return RewardConfig.model_validate(train_settings().get("reward") or {})
     except ValidationError:
-        return []
-    return list(reward.weight_paths().values())
+        return None
+
+
+TRAIN_REWARD = train_reward()
+TRAIN_REWARD_KINDS = TRAIN_REWARD.kinds() if TRAIN_REWARD else []
+"""The reward models training loads: its kind, or each kind of its `mix`."""
+
+
+def train_reward_paths():
+    """The reward weights the training config names (every model of a `mix` too)."""
+    return list(TRAIN_REWARD.weight_paths().values()) if TRAIN_REWARD else []
 
 
 def resources(rule_name, key, fallback=None):
@@ -215,12 +226,19 @@ def resources(rule_name, key, fallback=None):
     return {**table["default"], **table.get(rule_name, {})}.get(key, fallback)
 
 
-def launcher(procs, *options):
-    """`srpo` for one process, `torchrun … -m srpo` for several (one node)."""
+def launcher(procs, *options, env="main"):
+    """`srpo` for one process, `torchrun … -m srpo` for several (one node), each of the
+    environment `env`."""
     if procs <= 1:
-        return "srpo"
+        return srpo_of(env)
     return " ".join(
-        ["torchrun", *options, "--standalone", f"--nproc-per-node {procs}", "-m srpo"]
+        [
+            torchrun_of(env),
+            *options,
+            "--standalone",
+            f"--nproc-per-node {procs}",
+            "-m srpo",
+        ]
     )
 
 
@@ -238,10 +256,11 @@ def train_launcher():
     grace = float(train_settings().get("stop_grace_s", 25))
     wait = f"--shutdown-timeout {math.ceil(grace) + STOP_MARGIN_S}"
     if nodes == 1:
-        return launcher(procs, wait)
+        return launcher(procs, wait, env=TRAIN_ENV)
     first_node = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     return (
-        f"srun --ntasks-per-node 1 torchrun {wait} --nnodes {nodes} --nproc-per-node {procs}"
+        f"srun --ntasks-per-node 1 {torchrun_of(TRAIN_ENV)} {wait} --nnodes {nodes}"
+        f" --nproc-per-node {procs}"
         f" --rdzv-id $SLURM_JOB_ID --rdzv-backend c10d --rdzv-endpoint {first_node}:29500"
         " -m srpo"
     )
@@ -270,12 +289,35 @@ def model_label(model):
 
 
 def rule_env(rule_name):
-    """The environment a rule runs in (config/containers.yaml)."""
+    """The environment a rule runs in (config/containers.yaml); train_srpo's follows its
+    training reward (`train_env`)."""
+    if rule_name == "train_srpo":
+        return TRAIN_ENV
     return CONTAINER_RULES.get(rule_name, "main")
 
 
 def metric_env(metric):
-    return rule_env(f"score_{metric}")
+    return CONTAINER_RULES.get(f"score_{metric}", "main")
+
+
+def train_env():
+    """train_srpo's environment: config/containers.yaml's `train_srpo` (main), unless a reward
+    model training loads needs another one, that of its own score rule (hpsv3: `score_hpsv3`),
+    whose package pins what main cannot hold. Two such environments cannot meet in one process.
+    """
+    default = CONTAINER_RULES.get("train_srpo", "main")
+    needed = {kind: metric_env(kind) for kind in TRAIN_REWARD_KINDS}
+    others = sorted(set(needed.values()) - {default})
+    if len(others) > 1:
+        raise WorkflowError(
+            f"{config['train']['config']}: reward: {sorted(needed)} need the environments"
+            f" {others}, which cannot run in one training process; train with the rewards of"
+            " one environment"
+        )
+    return others[0] if others else default
+
+
+TRAIN_ENV = train_env()
 
 
 def srpo_of(env):
@@ -283,6 +325,12 @@ def srpo_of(env):
     environment (envs/metric-env.sh puts it on the main environment's PATH, in the image of
     ENV too)."""
     return "srpo" if env == "main" else f"srpo-{env}"
+
+
+def torchrun_of(env):
+    """The `torchrun` of an environment, `torchrun-ENV` beside `srpo-ENV` (envs/metric-env.sh):
+    its workers run that environment's interpreter."""
+    return "torchrun" if env == "main" else f"torchrun-{env}"
 
 
 def metric_command(metric):
@@ -301,18 +349,36 @@ def metric_weights(metric):
 
 
 def metric_env_parts():
-    """Metrics whose tiny model is built in their own environment (rule build_tiny_<m>)."""
-    return [metric for metric in config["metrics"] if metric_env(metric) != "main"]
+    """Models built in an environment of their own (rule build_tiny_<m>): those of the metrics
+    and of the training reward whose score rule runs outside main."""
+    names = dict.fromkeys([*config["metrics"], *TRAIN_REWARD_KINDS])
+    return [name for name in names if metric_env(name) != "main"]
+
+
+def tiny_manifest(part, paths):
+    """The tiny build that makes `paths` of model `part` (its own manifest for a part of
+    another environment); none when no path lies under the tiny models (real weights).
+    """
+    if not any(str(path).startswith(f"{OUT}/models/") for path in paths):
+        return []
+    if part in metric_env_parts():
+        return [f"{OUT}/models/manifest-{part}.json"]
+    return model_files()
+
+
+def train_model_files():
+    """The tiny builds training reads: the FLUX base and each reward model's."""
+    reward = [
+        manifest
+        for kind in TRAIN_REWARD_KINDS
+        for manifest in tiny_manifest(kind, TRAIN_REWARD.paths_of(kind))
+    ]
+    return list(dict.fromkeys([*model_files(), *reward]))
 
 
 def metric_files(metric):
     """The tiny build when the metric's weights come from it; real weights are not tracked."""
-    weights = config["metrics"][metric]["weights"].values()
-    if not any(w.startswith(f"{OUT}/models/") for w in weights):
-        return []
-    if metric in metric_env_parts():
-        return [f"{OUT}/models/manifest-{metric}.json"]
-    return model_files()
+    return tiny_manifest(metric, config["metrics"][metric]["weights"].values())
 
 
 def samples_option():

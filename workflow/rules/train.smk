@@ -3,7 +3,7 @@ rule train_srpo:
         embeddings=f"{OUT}/embeddings/index.json",
         held_out=held_out_embeddings(),
         config=config["train"]["config"],
-        models=model_files(),
+        models=train_model_files(),
     output:
         model=EXPORT,
     log:
