@@ -143,11 +143,8 @@ class Doctor:
         status, memory = self.memory(settings)
         self.add("train", str(path), status, f"valid, batch {settings.batch_size}; {memory}")
         self.settings = settings
-        reward = settings.reward
-        for key in ("checkpoint", "model_config_path", "model_path", "processor_path"):
-            value = getattr(reward, key)
-            if value:
-                self.pretrained(f"{path}: reward.{key}", value, key in HUB_KEYS)
+        for key, value in sorted(settings.reward.weight_paths().items()):
+            self.pretrained(f"{path}: reward.{key}", value, key in HUB_KEYS)
         for metric, files in sorted(settings.evaluation.metrics.items()):
             for key, value in sorted(files.items()):
                 where = f"{path}: evaluation.metrics.{metric}.{key}"
@@ -198,20 +195,30 @@ class Doctor:
 
     # ------------------------------------------------------------- environments
     def environments(self) -> None:
+        """Each environment a rule runs in: the scored metrics' and the training reward's
+        (the workflow trains where its reward model's score rule runs)."""
         containers = self.config["containers"]
         rules = containers["rules"]
-        envs = sorted({"main", *(rules.get(f"score_{metric}", "main") for metric in self.scored())})
-        for env in envs:
+        settings = getattr(self, "settings", None)
+        rewards = settings.reward.kinds() if settings else []
+        train_envs = {rules.get(f"score_{kind}", "main") for kind in rewards}
+        scored = {rules.get(f"score_{metric}", "main") for metric in self.scored()}
+        for env in sorted({"main", *scored, *train_envs}):
             image = containers["images"].get(env)
             if image is not None:
                 self.add("environment", env, "ok", f"image {image} (pulled by digest)")
                 continue
-            command = "srpo" if env == "main" else f"srpo-{env}"
-            if shutil.which(command):
-                self.add("environment", env, "ok", f"{command} on PATH (no image published)")
+            commands = ["srpo"] if env == "main" else [f"srpo-{env}"]
+            if env != "main" and env in train_envs:
+                commands.append(f"torchrun-{env}")  # training with its reward
+            missing = [command for command in commands if not shutil.which(command)]
+            if not missing:
+                found = " and ".join(commands)
+                self.add("environment", env, "ok", f"{found} on PATH (no image published)")
             else:
                 fix = "bash scripts/setup.sh" if env == "main" else f"bash envs/metric-env.sh {env}"
-                self.add("environment", env, "fail", f"{command} not on PATH: run `{fix}`")
+                absent = " and ".join(missing)
+                self.add("environment", env, "fail", f"{absent} not on PATH: run `{fix}`")
 
     # -------------------------------------------------------------------- GPUs
     def gpus(self) -> None:

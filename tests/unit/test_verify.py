@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import REPO, copy_workflow, run_env
+from support import REPO, copy_workflow, mix_training, run_env
 
 from srpo.io import InputError
 from srpo.verify import parse_expected, require_pretrained
@@ -187,6 +187,26 @@ def test_doctor_fails_a_corrupt_weight_and_a_missing_environment(tiny_models, tm
         "fail: environment: main: srpo not on PATH: run `bash scripts/setup.sh`",
     ]
     assert "31 checks, 3 failed" in result.stdout
+
+
+def test_doctor_checks_the_training_rewards_environment_and_files(tmp_path):
+    """Training on a mix with HPSv3 runs `torchrun-hpsv3`: the doctor wants it beside
+    srpo-hpsv3, and checks the HPSv3 reward's files."""
+    folder = copy_workflow(tmp_path / "wf")
+    mix = mix_training(folder)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for command in ("srpo", "srpo-hpsv3"):  # what envs/metric-env.sh wrote before torchrun-ENV
+        (tools / command).symlink_to(Path(sys.executable).with_name("srpo"))
+    result = srpo("doctor", f"--config={mix}", cwd=folder, PATH=f"{tools}:/usr/bin:/bin",
+                  COLUMNS="300")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "fail: environment: hpsv3: torchrun-hpsv3 not on PATH: run `bash envs/metric-env.sh hpsv3`"
+    ]
+    rows = doctor_rows(result.stdout)
+    assert rows["config/train-mix.yaml: reward.hpsv3_checkpoint"] == "ok"  # built by the run
+    assert rows["main"] == "ok"
 
 
 def test_doctor_bad_config_is_one_line(tmp_path):
