@@ -30,6 +30,14 @@ REWARD_FILES = {
     "hpsv3": ("hpsv3_checkpoint", "hpsv3_config"),
 }
 """The rewards of one model, each with the keys of `reward` that name its files."""
+REWARD_PATHS = frozenset(key for keys in REWARD_FILES.values() for key in keys)
+RESUME_KEYS = (
+    "reward", "srpo", "optim", "batch_size", "height", "width", "rollout_steps",
+    "rollout_guidance", "train_guidance", "seed", "mode", "lora",
+)  # fmt: skip
+"""Training-config keys a resumed run must share with its checkpoint: what is trained, and how.
+The rest (steps, checkpoint cadence, evaluation, precision and memory settings, paths, the
+reward's files) may change between a stop and its resume."""
 HPSV3_SCALE = 0.025
 """Default `reward.hpsv3_scale`. μ of a FLUX.1-dev image is about 10 (the HPSv3 paper's
 benchmark), so the unscaled SRP reward ≈ w·μ + Δμ would sit above the loss's 0.7 threshold and
@@ -405,3 +413,21 @@ def load_train_config(path: Path, overrides: dict[str, Any] | None = None) -> Tr
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
         raise InputError(_format_error(str(path), error)) from None
+
+
+def resume_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of RESUME_KEYS (`section.key` inside the reward and optim sections) whose value
+    in a checkpoint's config `saved` differs from `current` (both `TrainConfig.to_dict`), as
+    (key, saved, current); None if they agree. A key `saved` lacks, added to the config after
+    it was written, is not compared."""
+    for key in RESUME_KEYS:
+        if key not in saved:
+            continue
+        old, new = saved[key], current.get(key)
+        if key in ("reward", "optim") and isinstance(old, dict) and isinstance(new, dict):
+            for field in sorted(set(old) - REWARD_PATHS):
+                if old[field] != new.get(field):
+                    return f"{key}.{field}", old[field], new.get(field)
+        elif old != new:
+            return key, old, new
+    return None

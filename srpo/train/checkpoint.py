@@ -177,6 +177,16 @@ class Checkpointer:
         for partial in self.root.glob(".step-*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
 
+    def run_config(self, path: Path) -> dict:
+        """The training config a checkpoint was written with (its provenance); {} if absent."""
+        provenance = Path(path) / "provenance.json"
+        if not provenance.is_file():
+            return {}
+        try:
+            return json.loads(provenance.read_text()).get("config") or {}
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{provenance}: unreadable ({_reason(error)})") from None
+
     def train_state(self, path: Path) -> dict:
         """A complete checkpoint's `train_state.json`, read before any tensor is."""
         path = Path(path)
@@ -298,8 +308,19 @@ def export_checkpoint(
 def ensure_export(
     checkpoint: Path, base_model: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
-    """Export unless `out_dir` already holds the export of this very checkpoint."""
-    source = Path(out_dir) / EXPORT_SOURCE
-    if source.is_file() and json.loads(source.read_text()).get("step") == step_of(checkpoint):
-        return Path(out_dir)
+    """Export unless `out_dir` already holds the whole export of this very checkpoint (a
+    workflow re-run deletes the declared output file, not the folder around it)."""
+    out_dir = Path(out_dir)
+    source = out_dir / EXPORT_SOURCE
+    lora = _lora_of(Path(checkpoint))
+    written = [
+        *(["pytorch_lora_weights.safetensors"] if lora is not None else []),
+        *(["diffusion_pytorch_model.safetensors"] if lora is None or lora.export_merged else []),
+    ]
+    if (
+        source.is_file()
+        and json.loads(source.read_text()).get("step") == step_of(checkpoint)
+        and all((out_dir / name).is_file() for name in written)
+    ):
+        return out_dir
     return export_checkpoint(checkpoint, base_model, out_dir, dtype)

@@ -33,7 +33,7 @@ from srpo.algorithm import (
     plan_branches,
     sigma_schedule,
 )
-from srpo.config import TrainConfig
+from srpo.config import TrainConfig, resume_mismatch
 from srpo.encode import Conditioning, EmbeddingCache
 from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, make_velocity
 from srpo.flux import vae_scale_factor as scale_of
@@ -226,12 +226,17 @@ class Trainer:
         if path is None:
             return None
         saved, current = self.checkpointer.train_state(path), self.train_state()
-        for key in ("batch_size", "seed", "lora"):
-            if saved.get(key) != current[key]:
-                raise InputError(
-                    f"{path}: checkpoint was written with {key}={saved.get(key)}, the config "
-                    f"says {current[key]}; resume needs the same value"
-                )
+        mismatch = next(
+            ((key, saved.get(key), current[key]) for key in ("batch_size", "seed", "lora")
+             if saved.get(key) != current[key]),
+            resume_mismatch(self.checkpointer.run_config(path), self.config.to_dict()),
+        )  # fmt: skip
+        if mismatch is not None:
+            key, was, now = mismatch
+            raise InputError(
+                f"{path}: checkpoint was written with {key}={was}, the config says {now}; resume"
+                f" needs the same value (to train afresh, remove {self.checkpointer.root})"
+            )
         saved = self.checkpointer.load(path, self.state)
         self.step = int(saved["step"])
         self.bad_in_row = int(saved.get("bad_in_row", 0))

@@ -182,3 +182,47 @@ def test_resume_with_another_lora_section_is_one_line(runs, tiny_models, tiny_ca
         assert "'rank': 4" in lines[0]
         assert f"the config says {'None' if lora is None else '{'}" in lines[0]
         assert "resume needs the same value" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"reward": {"kind": "pickscore"}}, "reward.kind=hpsv2"),
+        ({"srpo": {"reward_threshold": 0.5}}, "srpo={}"),
+        ({"height": 32, "width": 32}, "height=64"),
+    ],
+)
+def test_resume_of_another_run_is_one_line(runs, tiny_models, tiny_cache, tmp_path, change, named):
+    """A checkpoint resumed with another reward, optimizer, SRPO setting or image size (what a
+    workflow re-run after such an edit would do) stops before any tensor is read, naming the
+    key and how to train afresh: continuing would be neither run."""
+    shutil.copytree(runs / "one" / "checkpoints", tmp_path / "changed" / "checkpoints")
+    config = tiny_config(tiny_models, tiny_cache, tmp_path / "changed", max_steps=STEPS + 1,
+                         lora=LORA, **change)  # fmt: skip
+    if "reward" in change:
+        config["reward"] = {"kind": "pickscore", "model_path": str(tiny_models / "pickscore")}
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_srpo(path, None)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert f"step-{STEPS:08d}: checkpoint was written with {named}" in lines[0]
+    assert f"(to train afresh, remove {tmp_path / 'changed' / 'checkpoints'})" in lines[0]
+
+
+def test_resume_with_moved_reward_files_and_more_steps(runs, tiny_models, tiny_cache, tmp_path):
+    """The reward's files may move and the run may be extended: the resume goes on."""
+    shutil.copytree(runs / "one" / "checkpoints", tmp_path / "moved" / "checkpoints")
+    shutil.copytree(tiny_models / "hpsv2", tmp_path / "hpsv2")
+    config = tiny_config(tiny_models, tiny_cache, tmp_path / "moved", max_steps=STEPS + 1,
+                         lora=LORA)  # fmt: skip
+    config["reward"].update(
+        checkpoint=str(tmp_path / "hpsv2" / "HPS_v2.1_compressed.pt"),
+        model_config_path=str(tmp_path / "hpsv2" / "open_clip_config.json"),
+    )
+    path = tmp_path / "moved.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_srpo(path, None)
+    assert_ok(result)
+    assert f"at step {STEPS}" in result.stdout, result.stdout[-2000:]

@@ -90,16 +90,25 @@ def test_one_target_recomputes_only_what_it_needs(finished):
 
 def test_training_with_an_hpsv3_mix_runs_in_its_environment(finished, tmp_path):
     """A training reward that needs the hpsv3 environment (a mix with HPSv3) trains there, with
-    no step by hand, and the run goes on to the report; nothing before training reruns."""
+    no step by hand, and the run goes on to the report; nothing before training reruns. The
+    previous reward's checkpoints are not resumed."""
     folder = tmp_path / "mix"
     shutil.copytree(finished, folder, symlinks=True)
     mix = mix_training(folder, max_steps=4)
     planned = jobs_planned(snakemake(folder, "-n", "--cores", "2", "--configfile", mix))
     assert {"train_srpo", "report"} <= set(planned)
     assert not set(planned) & {"prepare_prompts", "encode_prompts", "build_tiny_hpsv3"}
+    tiny = folder / "results" / "tiny"
+    # The default run's checkpoints are another run's: training refuses to continue them.
+    result = snakemake(folder, "--cores", "2", "--configfile", mix)
+    assert result.returncode != 0
+    assert (
+        "checkpoint was written with reward.kind=hpsv2, the config says mix; resume needs the"
+        " same value (to train afresh, remove results/tiny/train/checkpoints)"
+    ) in (tiny / "logs" / "train_srpo.log").read_text()
+    shutil.rmtree(tiny / "train" / "checkpoints")
     result = snakemake(folder, "--cores", "2", "--configfile", mix)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    tiny = folder / "results" / "tiny"
     assert "trained to step 4" in (tiny / "logs" / "train_srpo.log").read_text()
     checkpoint = sorted((tiny / "train" / "checkpoints").glob("step-*"))[-1]
     packages = json.loads((checkpoint / "provenance.json").read_text())["packages"]

@@ -302,7 +302,7 @@ def metric_env(metric):
 
 def train_env():
     """train_srpo's environment: config/containers.yaml's `train_srpo` (main), unless a reward
-    model training loads needs another one, that of its own score rule (hpsv3: `score_hpsv3`),
+    model training loads needs another one, that of its score_<kind> (`score_hpsv3` → hpsv3),
     whose package pins what main cannot hold. Two such environments cannot meet in one process.
     """
     default = CONTAINER_RULES.get("train_srpo", "main")
@@ -349,7 +349,7 @@ def metric_weights(metric):
 
 
 def metric_env_parts():
-    """Models built in an environment of their own (rule build_tiny_<m>): those of the metrics
+    """Models built in an environment of their own (build_tiny_<m>): those of the metrics
     and of the training reward whose score rule runs outside main."""
     names = dict.fromkeys([*config["metrics"], *TRAIN_REWARD_KINDS])
     return [name for name in names if metric_env(name) != "main"]
