@@ -122,19 +122,19 @@ def test_training_with_an_hpsv3_mix_runs_in_its_environment(finished, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("mix", "procs", "launch"),
+    ("mix", "procs", "nodes", "launch"),
     [
-        (False, 2, "torchrun --shutdown-timeout 30 --standalone --nproc-per-node 2 -m srpo train"),
-        (True, 2, "torchrun-hpsv3 --shutdown-timeout 30 --standalone --nproc-per-node 2 -m srpo"),
-        (True, 1, "srpo-hpsv3 train --config config/train-mix.yaml"),
+        (False, 2, 1, "torchrun --shutdown-timeout 30 --standalone --nproc-per-node 2 -m srpo"),
+        (True, 2, 1, "torchrun-hpsv3 --shutdown-timeout 30 --standalone --nproc-per-node 2 -m"),
+        (True, 1, 1, "srpo-hpsv3 train --config config/train-mix.yaml"),
+        (True, 2, 2, "srun --ntasks-per-node 1 torchrun-hpsv3 --shutdown-timeout 30 --nnodes 2"),
     ],
 )
-def test_train_srpo_command_of_its_reward_environment(workdir, tmp_path, mix, procs, launch):
+def test_train_srpo_command_of_its_reward_environment(tmp_path, mix, procs, nodes, launch):
     folder = copy_workflow(tmp_path)
-    config = yaml.safe_load(
-        (folder / (mix_training(folder) if mix else "config/config.yaml")).read_text()
-    )
-    config["train"]["nproc_per_node"] = procs
+    chosen = mix_training(folder) if mix else "config/config.yaml"
+    config = yaml.safe_load((folder / chosen).read_text())
+    config["train"].update(nproc_per_node=procs, nodes=nodes)
     (folder / "config" / "launch.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     target = "results/tiny/train/model/diffusion_pytorch_model.safetensors"
     result = snakemake(folder, "-n", "-p", target, "--configfile", "config/launch.yaml")
