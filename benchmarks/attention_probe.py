@@ -6,7 +6,7 @@ decoder's middle block (its attention is one head as wide as the channels), in b
 and backward with a fixed upstream gradient. Each (case, kernel) runs in its own process, so
 a kernel that kills its process (an illegal memory access) is reported rather than fatal. A
 kernel is broken for a case when it crashes, gives a non-finite gradient, or one whose norm is
-off the math kernel's by more than TOLERANCE; SRPO_SDPA_DISABLE (srpo/train/attention.py)
+off the math kernel's by more than TOLERANCE; SRPO_SDPA_DISABLE (srpo/runtime/attention.py)
 switches such kernels off for training.
 """
 
@@ -23,7 +23,7 @@ import torch
 import typer
 
 from srpo.memory import FLUX_DEV_VAE
-from srpo.train.attention import SWITCHES
+from srpo.runtime.attention import SWITCHES
 
 KERNELS = (*SWITCHES, "math")
 CASES = ("flux-block", "vae-mid-block")

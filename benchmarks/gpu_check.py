@@ -8,7 +8,7 @@ Four parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary.
   policy and with LoRA (side by side, one process each): `torchrun … -m srpo train` stopped by
   SIGTERM after its first steps, resumed to the end (with its export), `srpo export`,
   `srpo sample` + `gather-samples` with the trained transformer, `srpo score` with three
-  metrics; once more in fsdp-bf16 with every fused attention kernel off (srpo.train.attention),
+  metrics; once more in fsdp-bf16 with every fused attention kernel off (srpo.runtime.attention),
   which tells a kernel's fault from the rest's;
 - `bench`: `srpo bench --suite gpu --size full`;
 - `precision`: the precision policies side by side (`python -m benchmarks.precision`).
@@ -34,7 +34,7 @@ import typer
 import yaml
 
 from benchmarks.run import checkout_pythonpath
-from srpo.train.attention import DISABLE_ENV, FUSED
+from srpo.runtime.attention import DISABLE_ENV, FUSED
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = "results/tiny/"

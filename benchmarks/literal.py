@@ -42,10 +42,10 @@ from srpo.encode import EmbeddingCache
 from srpo.flux import LatentGeometry, load_transformer, load_vae, vae_scale_factor
 from srpo.rewards import load_reward
 from srpo.rewards.base import CLIP_MEAN, CLIP_STD
-from srpo.train.attention import DISABLE_ENV, FUSED, configure_attention
+from srpo.runtime.attention import DISABLE_ENV, FUSED, configure_attention
+from srpo.runtime.distributed import DistributedContext
 from srpo.train.data import batch_prompt_numbers, sample_mid, step_noise
-from srpo.train.loop import StepStats
-from srpo.train.parallel import DistributedContext
+from srpo.train.step import StepStats
 from srpo.train.timing import PhaseTimer
 
 BLOCKS = (FluxTransformerBlock, FluxSingleTransformerBlock)

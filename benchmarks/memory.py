@@ -26,7 +26,7 @@ from srpo.memory import (
     model_configs,
     verdict,
 )
-from srpo.train.precision import POLICIES
+from srpo.runtime.precision import POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)

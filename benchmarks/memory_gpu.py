@@ -36,7 +36,7 @@ from srpo.memory import (
     run_transformer_call,
     train_parameters,
 )
-from srpo.train.precision import POLICIES
+from srpo.runtime.precision import POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)

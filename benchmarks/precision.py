@@ -30,7 +30,7 @@ from benchmarks.models import ensure_models
 from benchmarks.run import _run, _train_config
 from benchmarks.suites import ModelSpec, Suite
 from srpo.io import git_commit, package_versions, write_json
-from srpo.train.precision import POLICIES
+from srpo.runtime.precision import POLICIES
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {

@@ -18,9 +18,9 @@ import torch
 from benchmarks.train_step import peak_memory_mb, reset_peak_memory
 from srpo.config import load_train_config
 from srpo.io import write_json
-from srpo.train.data import derive_seed
-from srpo.train.loop import Trainer
-from srpo.train.parallel import DistributedContext
+from srpo.runtime.distributed import DistributedContext
+from srpo.runtime.seeds import derive_seed
+from srpo.train.step import Trainer
 
 
 def keep_gradient(trainer: Trainer, into: list[torch.Tensor]):

@@ -19,8 +19,8 @@ import torch
 
 from srpo.io import write_json
 from srpo.prompts import read_eval_prompts
+from srpo.runtime.precision import DTYPES
 from srpo.sample import SampleSettings, generate, load_pipeline, prompt_seed
-from srpo.train.parallel import DTYPES
 
 
 def _stock(pipe, prompts, settings: SampleSettings):

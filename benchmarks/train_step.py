@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step VARIANT CONFIG OUT_JSON WARMUP STEPS [WARMUP_ROLLOUT]
 
-VARIANT is `ours` (srpo.train.loop.Trainer), `ours-lora` (the same trainer with the default
+VARIANT is `ours` (srpo.train.step.Trainer), `ours-lora` (the same trainer with the default
 `lora:` section: adapters instead of the full transformer), `literal` (the authors' recipe,
 anomaly detection on) or `literal-no-anomaly`. Rank 0 writes per-step seconds, losses, per-phase
 seconds (mean over ranks), the peak memory of the busiest rank and, for ours, the trainable and
@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from srpo.config import TrainConfig, load_train_config
 from srpo.io import write_json
-from srpo.train.data import derive_seed
-from srpo.train.parallel import DistributedContext
+from srpo.runtime.distributed import DistributedContext
+from srpo.runtime.seeds import derive_seed
 
 VARIANTS = ("ours", "ours-lora", "literal", "literal-no-anomaly")
 
@@ -48,7 +48,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def make_trainer(variant: str, config: TrainConfig, ctx: DistributedContext):
     if variant in ("ours", "ours-lora"):
-        from srpo.train.loop import Trainer
+        from srpo.train.step import Trainer
 
         if variant == "ours-lora":
             config = TrainConfig.model_validate({**config.to_dict(), "lora": {}})

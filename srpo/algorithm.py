@@ -8,20 +8,12 @@ hand-computed values.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
+from srpo.runtime.callables import Decode, RewardFn, Velocity
 from srpo.settings import MID_MARGIN, SRPOSettings
-
-Velocity = Callable[[torch.Tensor, float | list[float]], torch.Tensor]
-"""velocity(x, sigma) -> v ≈ ε − x₀, sigma the exact (unquantised) noise level: one for every
-row of x, or a list of one per row."""
-Decode = Callable[[torch.Tensor], torch.Tensor]
-"""decode(latents) -> image in [0, 1], differentiable."""
-Reward = Callable[[torch.Tensor, str, str, float], torch.Tensor]
-"""reward(image, positive_prompt, negative_prompt, weight) -> f·((1 + w)·p − n), shape [B]."""
 
 
 def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
@@ -144,7 +136,7 @@ class BranchOutput(NamedTuple):
 def branch_reward_loss(
     branch: Branch,
     decode: Decode,
-    reward: Reward,
+    reward: RewardFn,
     x0_hat: torch.Tensor,
     prompts: tuple[str, str],
     settings: SRPOSettings,
@@ -161,7 +153,7 @@ def branch_reward_loss(
 def srpo_losses(
     velocity: Velocity,
     decode: Decode,
-    reward: Reward,
+    reward: RewardFn,
     x0: torch.Tensor,
     noise: torch.Tensor,
     mid: int,

@@ -37,7 +37,7 @@ class DType(StrEnum):
 
     @property
     def torch(self):
-        from srpo.train.parallel import DTYPES
+        from srpo.runtime.precision import DTYPES
 
         return DTYPES[self.value]
 
@@ -204,7 +204,7 @@ def train_command(
     """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
     from srpo.config import load_train_config
     from srpo.train.evaluate import EXIT_COLLAPSED, RewardHacking
-    from srpo.train.loop import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
+    from srpo.train.run import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
 
     overrides = {
         "max_steps": max_steps,

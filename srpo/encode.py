@@ -108,7 +108,7 @@ def encode_prompts(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Encode a prompt file into `out_dir`, one shard per rank of the current launch."""
-    from srpo.train.parallel import DistributedContext
+    from srpo.runtime.distributed import DistributedContext
 
     if Path(prompt_file).suffix.lower() == ".csv":  # the evaluation set, held out in training
         prompts = [prompt.prompt for prompt in read_eval_prompts(prompt_file)]

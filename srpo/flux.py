@@ -15,7 +15,8 @@ import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from packaging.version import Version
 
-from srpo.algorithm import Velocity
+from srpo.runtime.callables import Velocity
+from srpo.runtime.precision import under_autocast
 
 LATENT_CHANNELS = 16
 PACKED_CHANNELS = LATENT_CHANNELS * 4
@@ -88,12 +89,14 @@ def make_velocity(
     text_ids: torch.Tensor,
     guidance: float,
     guidance_embeds: bool,
+    autocast: torch.dtype | None = None,
 ) -> Velocity:
     """velocity(x, σ) for a batch of prompts: x [B, N, 64] → v [B, N, 64] in x's dtype; σ is
     one level for the batch or a list of one per row.
 
     σ enters the transformer quantised to 1/1000 (diffusers scales timestep and guidance by 1000
-    internally, exactly as FluxPipeline calls it); `transformer` may be an FSDP2 module.
+    internally, exactly as FluxPipeline calls it); `transformer` may be an FSDP2 module. With
+    `autocast` (a precision policy's transformer dtype) every call runs under torch.autocast.
     """
     batch = prompt_embeds.shape[0]
     device = prompt_embeds.device
@@ -121,7 +124,7 @@ def make_velocity(
         )[0]
         return prediction.to(x.dtype)
 
-    return velocity
+    return under_autocast(velocity, autocast, device)
 
 
 class FrozenVAE:

@@ -436,7 +436,7 @@ class CudaBytes:
 
 
 def _policy(policy: str):
-    from srpo.train.precision import POLICIES
+    from srpo.runtime.precision import POLICIES
 
     return POLICIES[policy]
 
@@ -491,7 +491,7 @@ def run_transformer_call(
     """One call as the trainer makes it: FSDP2's cast of the inputs to the compute dtype, the
     policy's autocast, the root's cast of the output to fp32; then, with `grad`, the backward.
     `meter` (`LiveBytes` or `CudaBytes`) is entered around it."""
-    from srpo.train.precision import under_autocast
+    from srpo.runtime.precision import under_autocast
 
     chosen = _policy(policy)
     device = next(model.parameters()).device
@@ -572,7 +572,7 @@ def run_decode_reward(
     trainer's own `FrozenVAE.decode`, `semantic_relative_reward` and `branch_reward_loss`."""
     from srpo.algorithm import SRPOSettings, branch_reward_loss
     from srpo.flux import FrozenVAE, LatentGeometry
-    from srpo.train.precision import under_autocast
+    from srpo.runtime.precision import under_autocast
 
     chosen = _policy(policy)
     settings = SRPOSettings()
@@ -608,7 +608,7 @@ def measure_decode_reward(
 def measure_decode(vae_json: str, policy: str, batch: int, height: int, width: int) -> int:
     """Peak bytes of a no-grad `FrozenVAE.decode` of `batch` latents (held-out evaluation)."""
     from srpo.flux import FrozenVAE, LatentGeometry
-    from srpo.train.precision import under_autocast
+    from srpo.runtime.precision import under_autocast
 
     chosen = _policy(policy)
     with _fake(chosen.vae_dtype):

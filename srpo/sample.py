@@ -45,8 +45,8 @@ from srpo.io import (
     write_json,
 )
 from srpo.prompts import EvalPrompt, read_eval_prompts
-from srpo.train.data import derive_seed
-from srpo.train.parallel import DTYPES
+from srpo.runtime.precision import DTYPES
+from srpo.runtime.seeds import derive_seed
 
 MANIFEST = "manifest.json"
 STATE_DICT_SUFFIX = ".safetensors"

@@ -1,5 +1,6 @@
 """Helpers shared by tests: tiny training configs and `torchrun -m srpo train` launches."""
 
+import json
 import os
 import shutil
 import signal
@@ -158,6 +159,34 @@ def run_srpo(
         text=True,
         timeout=900,
     )
+
+
+def slow_saves(seconds: float) -> dict[str, str]:
+    """Environment of a launch whose rank 0 waits `seconds` between writing a checkpoint and
+    publishing it (tests/distributed/slow_save): a window to kill it in, or a slow save."""
+    hook = str(REPO / "tests" / "distributed" / "slow_save")
+    return {"PYTHONPATH": hook, "SRPO_TEST_SAVE_PAUSE_S": str(seconds)}
+
+
+def poisoned_cache(index: Path, folder: Path, numbers: list[int]) -> Path:
+    """A copy of the embedding cache `index` in `folder` where prompts `numbers` have NaN T5
+    embeddings: a step that trains on one of them has a NaN loss on the rank that holds it,
+    as with a corrupt cache. Returns the copy's index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(index.parent, folder, dirs_exist_ok=True)
+    for entry in json.loads(index.read_text())["shards"]:
+        start, stop, path = int(entry["start"]), int(entry["stop"]), index.parent / entry["file"]
+        with safe_open(str(path), framework="pt") as shard:
+            names = shard.keys()
+            tensors = {name: shard.get_tensor(name) for name in names}
+            metadata = shard.metadata()
+        for number in numbers:
+            if start <= number < stop:
+                tensors["prompt_embeds"][number - start] = float("nan")
+        save_file(tensors, str(folder / entry["file"]), metadata=metadata)
+    return folder / index.name
 
 
 def start_srpo(

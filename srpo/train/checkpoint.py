@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,16 +38,13 @@ from srpo.train.lora import add_lora, merge_lora, save_lora_weights
 STEP_PATTERN = re.compile(r"^step-(\d{8})$")
 TRAIN_STATE = "train_state.json"
 EXPORT_SOURCE = "source.json"
-PAUSE_ENV = "SRPO_CHECKPOINT_PAUSE_S"
-"""Seconds to wait between writing a checkpoint's data and publishing it; widens the window in
-which the crash-during-write test kills a run. Zero (no wait) unless set."""
 
 
 class CheckpointError(InputError):
     """A checkpoint that is missing or cannot be read."""
 
 
-class TrainingState(Stateful):
+class ModelOptimizerState(Stateful):
     """Model + optimizer as DCP sees them: sharded on save, resharded on load.
 
     Frozen parameters are left out, so a LoRA checkpoint holds the adapters and their AdamW
@@ -149,7 +145,7 @@ class Checkpointer:
         checkpoints = self.complete()
         return checkpoints[-1] if checkpoints else None
 
-    def save(self, step: int, state: TrainingState, train_state: dict, provenance: dict) -> Path:
+    def save(self, step: int, state: ModelOptimizerState, counters: dict, provenance: dict) -> Path:
         """Collective: every rank writes its shard, then rank 0 publishes the folder."""
         final = self.root / f"step-{step:08d}"
         partial = self.root / f".step-{step:08d}.partial"
@@ -162,8 +158,7 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             write_json(partial / "provenance.json", provenance)
-            write_json(partial / TRAIN_STATE, train_state)
-            time.sleep(float(os.environ.get(PAUSE_ENV, "0")))
+            write_json(partial / TRAIN_STATE, counters)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -197,7 +192,7 @@ class Checkpointer:
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{path}: checkpoint is unreadable ({_reason(error)})") from None
 
-    def load(self, path: Path, state: TrainingState) -> dict:
+    def load(self, path: Path, state: ModelOptimizerState) -> dict:
         """Restore model, optimizer and this rank's RNG; return the saved train state."""
         path = Path(path)
         train_state = self.train_state(path)

@@ -7,7 +7,6 @@ the draws an uninterrupted one would have made.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,14 +16,9 @@ from PIL import Image, UnidentifiedImageError
 
 from srpo.algorithm import SRPOSettings, draw_mid
 from srpo.io import InputError
+from srpo.runtime.seeds import derive_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of labels (stable across Python versions and machines)."""
-    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def step_noise(seed: int, step: int, shape: Sequence[int]) -> torch.Tensor:

@@ -14,7 +14,6 @@ at that evaluation.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +31,10 @@ from srpo.flux import FrozenVAE, LatentGeometry, make_velocity
 from srpo.io import InputError, atomic_path
 from srpo.rewards.base import Reward
 from srpo.rewards.metric import load_metric
-from srpo.train.data import derive_seed
-from srpo.train.parallel import DistributedContext, kept_gathered
-from srpo.train.precision import PrecisionPolicy, under_autocast
+from srpo.runtime.distributed import DistributedContext
+from srpo.runtime.precision import PrecisionPolicy, under_autocast
+from srpo.runtime.seeds import derive_seed
+from srpo.train.parallel import kept_gathered
 
 EVAL_CSV = "eval.csv"
 REWARD_COLUMN = "train_reward"
@@ -186,8 +186,8 @@ class HeldOutEvaluator:
             cond.text_ids,
             self.config.guidance,
             self.guidance_embeds,
+            self.precision.transformer_autocast,
         )
-        velocity = under_autocast(velocity, self.precision.transformer_autocast, device)
         return euler_rollout(velocity, self._noise(numbers), self.sigmas)
 
     @torch.no_grad()
@@ -224,51 +224,3 @@ class HeldOutEvaluator:
         means = [float(total) / self.total for total in totals]
         metrics = dict(zip(self.metrics, means[1:], strict=True))
         return Evaluation(step, means[0], metrics), time.perf_counter() - started
-
-
-class HeldOutWatch:
-    """When to evaluate, where the figures go, and what the collapse guard concludes."""
-
-    def __init__(
-        self,
-        evaluator: HeldOutEvaluator,
-        output_dir: Path,
-        resumed_step: int,
-        max_steps: int,
-    ) -> None:
-        self.evaluator = evaluator
-        self.config = evaluator.config
-        self.max_steps = max_steps
-        self.log = EvalLog(Path(output_dir) / EVAL_CSV, resumed_step, sorted(self.config.metrics))
-
-    def due(self, step: int) -> bool:
-        """Step 0 (the base model), every `every` steps and the last; never twice."""
-        periodic = step % self.config.every == 0 or step == self.max_steps
-        return periodic and not self.log.has(step)
-
-    def __call__(self, model: torch.nn.Module, step: int, writer) -> str | None:
-        """Evaluate (collective), log on rank 0, and return the collapse guard's reason."""
-        evaluation, seconds = self.evaluator(model, step)
-        history = [*self.log.history, evaluation]
-        reason = collapse_reason(history, self.config.collapse.margins)
-        self.log.append(evaluation.row(self.evaluator.total), self.evaluator.ctx.is_main)
-        if self.evaluator.ctx.is_main:
-            if writer is not None:
-                writer.add_scalar(f"eval/{REWARD_COLUMN}", evaluation.reward, step)
-                for name, value in evaluation.metrics.items():
-                    writer.add_scalar(f"eval/{name}", value, step)
-                writer.add_scalar("eval/collapse", float(reason is not None), step)
-                writer.flush()
-            scores = " ".join(f"{name}={value:.4f}" for name, value in evaluation.metrics.items())
-            print(
-                f"eval step {step}: {REWARD_COLUMN}={evaluation.reward:.4f} {scores} "
-                f"({self.evaluator.total} held-out images, {seconds:.1f}s)",
-                flush=True,
-            )
-            if reason is not None:
-                print(
-                    f"WARNING: reward hacking suspected at step {step}: {reason}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        return reason

@@ -109,7 +109,7 @@ def watched_config(tiny_models, tiny_cache, tmp_path):
 
 
 def test_training_collectives_get_device_tensors(watched_config, audit):
-    from srpo.train.loop import train
+    from srpo.train.run import train
 
     result = train(load_train_config(watched_config))
     assert result.step == 2

@@ -17,7 +17,8 @@ from srpo.algorithm import SRPOSettings, control_prompts, srpo_losses
 from srpo.encode import EmbeddingCache, encode_prompts
 from srpo.flux import FrozenVAE, LatentGeometry, load_vae, make_velocity, vae_scale_factor
 from srpo.rewards import load_reward
-from srpo.train.parallel import DistributedContext, shard_transformer
+from srpo.runtime.distributed import DistributedContext
+from srpo.train.parallel import shard_transformer
 
 pytestmark = pytest.mark.distributed
 
@@ -109,7 +110,7 @@ def test_fsdp2_gradients_equal_plain_autograd(tiny_models, tiny_cache):
 
 
 def test_bf16_precision_policies_train(write_config, tiny_models, tmp_path):
-    """The GPU recipes (srpo/train/precision.py) run on the CPU too: one step of each moves the
+    """The GPU recipes (srpo/runtime/precision.py) run on the CPU too: one step of each moves the
     weights as fp32 does, up to bf16 rounding, and the two bf16 policies are different paths."""
     base = load_file(
         str(tiny_models / "flux" / "transformer" / "diffusion_pytorch_model.safetensors")

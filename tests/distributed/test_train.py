@@ -19,14 +19,16 @@ from support import (
     assert_same_update,
     checkpoints,
     kill_tree,
+    poisoned_cache,
     run_env,
     run_srpo,
+    slow_saves,
     srpo_command,
     start_srpo,
     terminate_once_resumed,
 )
 
-from srpo.train.checkpoint import PAUSE_ENV
+from srpo.train.data import batch_prompt_numbers
 
 pytestmark = pytest.mark.distributed
 
@@ -119,7 +121,7 @@ def test_kill_during_checkpoint_write_keeps_previous(write_config, tmp_path):
     config = write_config("killed", max_steps=3, checkpoint_every=1)
     root = tmp_path / "killed" / "checkpoints"
     partial = root / ".step-00000002.partial"
-    process = start_srpo(config, 2, **{PAUSE_ENV: "5"})
+    process = start_srpo(config, 2, **slow_saves(5))
     wait_for(lambda: (partial / "train_state.json").is_file(), process)
     kill_tree(process.pid)
     process.communicate(timeout=60)
@@ -207,11 +209,29 @@ def model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def test_nonfinite_step_is_skipped_on_both_ranks(write_config, tmp_path):
-    """A NaN on rank 1 alone at step 2: both ranks skip that update, so the step-2 checkpoint
-    holds exactly the step-1 weights and AdamW state; step 3 trains on."""
+def batch_numbers(config: Path, *steps: int) -> list[int]:
+    """The prompt numbers of the global batches of `steps`, in rank order."""
+    settings = yaml.safe_load(config.read_text())
+    pool = range(len(TRAIN_PROMPTS))
+    return [
+        number
+        for step in steps
+        for number in batch_prompt_numbers(settings["seed"], step, settings["batch_size"], pool)
+    ]
+
+
+def test_nonfinite_step_is_skipped_on_both_ranks(write_config, tiny_cache, tmp_path):
+    """A NaN on rank 1 alone at step 2 (its prompt's embedding is NaN): both ranks skip that
+    update, so the step-2 checkpoint holds exactly the step-1 weights and AdamW state; step 3
+    trains on."""
     config = write_config("nan", max_steps=3, checkpoint_every=1, keep_last=3)
-    result = run_srpo(config, 2, SRPO_FORCE_NONFINITE="2@1")
+    poisoned = batch_numbers(config, 2)[1]  # step 2, rank 1's sample
+    assert poisoned not in batch_numbers(config, 1, 3)
+    cache = poisoned_cache(tiny_cache, tmp_path / "nan-cache", [poisoned])
+    config = write_config(
+        "nan", max_steps=3, checkpoint_every=1, keep_last=3, embeddings=str(cache)
+    )
+    result = run_srpo(config, 2)
     assert_ok(result)
     assert "step 2: non-finite loss or gradient" in result.stderr
     assert "update skipped, 1 of max_bad_steps=3 in a row" in result.stderr
@@ -222,11 +242,16 @@ def test_nonfinite_step_is_skipped_on_both_ranks(write_config, tmp_path):
     assert any(not torch.equal(two[key], three[key]) for key in two), "step 3 did not train"
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
+def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tiny_cache, tmp_path):
     """max_bad_steps NaN updates in a row: exit 3 with one clear line; the checkpoint written
-    before them stays the newest and complete, and resumes."""
-    config = write_config("diverged", max_steps=5, checkpoint_every=1, max_bad_steps=2)
-    result = run_srpo(config, 2, SRPO_FORCE_NONFINITE="2,3")
+    before them stays the newest and complete, and resumes (on a repaired cache)."""
+    clean = write_config("diverged", max_steps=5, checkpoint_every=1, max_bad_steps=2)
+    cache = poisoned_cache(tiny_cache, tmp_path / "nan-cache", batch_numbers(clean, 2, 3))
+    assert not set(batch_numbers(clean, 1)) & set(batch_numbers(clean, 2, 3))
+    config = write_config(
+        "diverged", max_steps=5, checkpoint_every=1, max_bad_steps=2, embeddings=str(cache)
+    )
+    result = run_srpo(config, 2)
     root = tmp_path / "diverged" / "checkpoints"
     assert result.returncode != 0
     assert (
@@ -238,6 +263,7 @@ def test_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
         "step-00000002",
     ]
     assert not (tmp_path / "diverged" / "model").exists()
+    poisoned_cache(tiny_cache, tmp_path / "nan-cache", [])  # the cache repaired in place
     resumed = run_srpo(config, 2)
     assert_ok(resumed)
     assert "at step 2" in resumed.stdout
@@ -259,7 +285,7 @@ def test_stop_save_slower_than_the_launcher_window_keeps_a_resumable_checkpoint(
     assert_ok(run_srpo(write_config("reference", max_steps=steps), 2))
     assert_ok(run_srpo(write_config("cut", max_steps=1), 2))
     config = write_config("cut", max_steps=steps)
-    process = start_srpo(config, 2, with_shutdown_timeout(3), **{PAUSE_ENV: "20"})
+    process = start_srpo(config, 2, with_shutdown_timeout(3), **slow_saves(20))
     err = terminate_once_resumed(process)
     root = tmp_path / "cut" / "checkpoints"
     assert process.returncode != 0
@@ -276,9 +302,9 @@ def test_stop_save_slower_than_the_launcher_window_keeps_a_resumable_checkpoint(
 def test_stop_skips_a_save_that_cannot_fit(write_config, tmp_path):
     """A run whose saves take 6 s, stopped with stop_grace_s=2: no save is started that the
     launcher would cut; exit 75 at once, naming the checkpoint to resume from."""
-    assert_ok(run_srpo(write_config("slow", max_steps=1), 2, **{PAUSE_ENV: "6"}))
+    assert_ok(run_srpo(write_config("slow", max_steps=1), 2, **slow_saves(6)))
     config = write_config("slow", max_steps=6, stop_grace_s=2, checkpoint_every=2)
-    process = start_srpo(config, 2, with_shutdown_timeout(30), **{PAUSE_ENV: "6"})
+    process = start_srpo(config, 2, with_shutdown_timeout(30), **slow_saves(6))
     saving = tmp_path / "slow" / "checkpoints" / ".step-00000002.partial" / "train_state.json"
     wait_for(saving.is_file, process)  # step 2's periodic save: 6 s, measured
     process.send_signal(signal.SIGTERM)  # arrives in that save; step 3 is not periodic

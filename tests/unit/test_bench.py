@@ -14,8 +14,8 @@ from benchmarks.models import ensure_models
 from benchmarks.suites import ModelSpec, get_suite
 from benchmarks.train_step import run
 from srpo.config import load_train_config
-from srpo.train.loop import Trainer
-from srpo.train.parallel import DistributedContext
+from srpo.runtime.distributed import DistributedContext
+from srpo.train.step import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,8 @@ from PIL import Image
 
 from srpo.algorithm import SRPOSettings
 from srpo.io import InputError
-from srpo.train.data import (
-    batch_prompt_numbers,
-    derive_seed,
-    offline_images,
-    sample_mid,
-    step_noise,
-)
+from srpo.runtime.seeds import derive_seed
+from srpo.train.data import batch_prompt_numbers, offline_images, sample_mid, step_noise
 
 
 def test_derive_seed_is_stable_and_distinct():

@@ -14,14 +14,14 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-import srpo.train.loop
+import srpo.train.step
 from srpo.algorithm import SRPOSettings, direct_align, plan_branches
 from srpo.config import TrainConfig
 from srpo.encode import EmbeddingCache
 from srpo.flux import FrozenVAE, LatentGeometry, vae_scale_factor
 from srpo.rewards import load_reward
-from srpo.train.loop import Trainer
-from srpo.train.precision import POLICIES
+from srpo.runtime.precision import POLICIES
+from srpo.train.step import GatherScopes, StepBatch, Trainer
 from srpo.train.timing import PhaseTimer
 
 CUDA = torch.device("cuda", 0)
@@ -116,7 +116,8 @@ def device_trainer(models, cache, tmp_path, precision: str, device, place) -> Tr
     trainer.vae = FrozenVAE(place(vae, trainer.precision.vae_dtype), trainer.geometry)
     trainer.reward = place(reward, torch.float32)
     trainer.timer = PhaseTimer(torch.device("cpu"))  # no device to synchronise here
-    trainer.step, trainer.poisoned_steps, trainer.images = 1, frozenset(), {}
+    trainer.gather = GatherScopes(trainer.model, config.gather_params)
+    trainer.step, trainer.images = 1, {}
     return trainer
 
 
@@ -127,7 +128,7 @@ def run_branches(trainer: Trainer, fuse: bool):
     device = trainer.ctx.device
     cond = EmbeddingCache(trainer.config.embeddings).get([0, 1]).to(device, torch.float32)
     noise = torch.randn(trainer.geometry.token_shape(1), device=device)
-    return trainer._branches(range(2), [0, 1], cond, noise)
+    return trainer._branches(StepBatch(range(2), [0, 1], cond, noise))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fsdp-bf16", "autocast-bf16"])
@@ -139,7 +140,7 @@ def test_a_train_step_forward_runs_on_cuda(
     each policy's dtypes (torch turns autocast itself off without a GPU, with a warning).
     Autograd's engine needs a real GPU for CUDA tensors, so the backward is left to the
     meta-device test below."""
-    monkeypatch.setattr(srpo.train.loop, "float", lambda value: 0.0, raising=False)
+    monkeypatch.setattr(srpo.train.step, "float", lambda value: 0.0, raising=False)
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *args, **kwargs: None)
     with FakeCuda() as mode:
         trainer = device_trainer(tiny_models, tiny_cache, tmp_path, precision, CUDA, mode.on_device)
@@ -157,7 +158,7 @@ def test_a_train_step_with_its_backward_runs_on_another_device(
     """The same on the meta device (where a 1-D CPU tensor in device math raises as on CUDA)
     with the backward to the transformer's parameters: everything of a step but FSDP2 and the
     optimizer. (autocast has no meta device: its policy runs forward-only above.)"""
-    monkeypatch.setattr(srpo.train.loop, "float", lambda value: 0.0, raising=False)
+    monkeypatch.setattr(srpo.train.step, "float", lambda value: 0.0, raising=False)
     meta = torch.device("meta")
 
     def place(module, dtype):

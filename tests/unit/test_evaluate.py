@@ -14,9 +14,9 @@ from srpo.encode import encode_prompts
 from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, vae_scale_factor
 from srpo.io import InputError
 from srpo.rewards import load_reward
+from srpo.runtime.distributed import DistributedContext
+from srpo.runtime.precision import POLICIES
 from srpo.train.evaluate import EvalLog, Evaluation, HeldOutEvaluator, collapse_reason
-from srpo.train.parallel import DistributedContext
-from srpo.train.precision import POLICIES
 
 
 def history(*rows: tuple[int, float, float]) -> list[Evaluation]:

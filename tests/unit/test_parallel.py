@@ -12,7 +12,7 @@ THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # anything, and PyTorch fixes its huge-page choice at the first allocation.
 PROBE = """
 import torch
-import srpo.train.loop  # what `srpo train` imports before it allocates anything
+import srpo.train.run  # what `srpo train` imports before it allocates anything
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, as a gathered FSDP block would be
 huge_kib = sum(
     int(line.split()[1]) for line in open("/proc/self/smaps")

@@ -2,7 +2,7 @@
 
 import torch
 
-from srpo.train.precision import POLICIES, under_autocast
+from srpo.runtime.precision import POLICIES, under_autocast
 
 
 def test_policies_follow_the_recipes():

@@ -4,13 +4,13 @@ its rank to SRPO_TEST_LOADS whenever the trainer reads the whole base transforme
 import os
 
 if "RANK" in os.environ and "SRPO_TEST_LOADS" in os.environ:
-    import srpo.train.loop as loop
+    import srpo.train.step as step
 
-    read = loop.load_transformer
+    read = step.load_transformer
 
     def recorded(*args, **kwargs):
         with open(os.environ["SRPO_TEST_LOADS"], "a") as handle:
             handle.write(f"{os.environ['RANK']}\n")
         return read(*args, **kwargs)
 
-    loop.load_transformer = recorded
+    step.load_transformer = recorded

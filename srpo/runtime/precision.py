@@ -20,6 +20,8 @@ from typing import TypeVar
 import torch
 
 F = TypeVar("F", bound=Callable)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The dtypes a config may name for exported weights and sampling."""
 
 
 @dataclass(frozen=True)
