@@ -48,16 +48,16 @@ def test_a_gpu_process_group_is_bound_to_its_device(monkeypatch):
     import torch
     import torch.distributed as dist
 
-    from srpo.train import parallel
+    from srpo.runtime import distributed
 
     made = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(parallel, "configure_attention", lambda device: None)
+    monkeypatch.setattr(distributed, "configure_attention", lambda device: None)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: made.update(kwargs))
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    ctx = parallel.DistributedContext.from_environment()
+    ctx = distributed.DistributedContext.from_environment()
     assert ctx.device == torch.device("cuda", 3) and ctx.backend == "nccl"
     assert made["device_id"] == torch.device("cuda", 3)
