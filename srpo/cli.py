@@ -290,7 +290,7 @@ def score_command(
     """Score the sampled images of one or more models with one metric: a row per image."""
     folders = {label: Path(folder) for label, folder in _pairs(samples, "--samples").items()}
     weights = _pairs(weight, "--weight")
-    from srpo.verify import HUB_KEYS
+    from srpo.scorers import HUB_KEYS
 
     _check_inputs(verify, {f"--weight {key}": weights.get(key) for key in HUB_KEYS})
     from srpo.score import score_folders

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from srpo.io import InputError
+from srpo.scorers import METRICS, MIX, REWARD_KINDS, reward_kind, setting
 from srpo.settings import SRPOSettings
 
 
@@ -24,13 +25,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-REWARD_FILES = {
-    "hpsv2": ("checkpoint", "model_config_path"),
-    "pickscore": ("model_path", "processor_path"),
-    "hpsv3": ("hpsv3_checkpoint", "hpsv3_config"),
-}
-"""The rewards of one model, each with the keys of `reward` that name its files."""
-REWARD_PATHS = frozenset(key for keys in REWARD_FILES.values() for key in keys)
+REWARD_PATHS = frozenset(
+    setting.key for kind in REWARD_KINDS for setting in reward_kind(kind).settings if setting.file
+)
+"""Keys of `reward` that name a file, folder or hub id, of every kind (srpo.scorers)."""
 RESUME_KEYS = (
     "reward", "srpo", "optim", "batch_size", "height", "width", "rollout_steps",
     "rollout_guidance", "train_guidance", "seed", "mode", "lora",
@@ -45,32 +43,26 @@ switch the loss off; 1/40 maps μ ≈ 10 to 0.25, the size of an HPSv2.1 cosine,
 acts as in the paper's HPSv2.1 recipe."""
 
 
+def _meaning(key: str) -> str:
+    """A `reward` key's description, as its kind declares it."""
+    kind, declared = setting(key)
+    return f"{kind}: {declared.meaning}"
+
+
 class RewardConfig(_Section):
     """Which reward model scores the decoded images, and where its weights are."""
 
-    kind: Literal["hpsv2", "pickscore", "hpsv3", "mix"] = Field(
+    kind: Literal[(*REWARD_KINDS, MIX)] = Field(  # type: ignore[valid-type]
         "hpsv2", description="reward model family; mix: a weighted sum of several (`mix`)"
     )
-    checkpoint: str | None = Field(
-        None, description="hpsv2: path of HPS_v2.1_compressed.pt ({'state_dict': ...})"
-    )
-    model_name: str = Field("ViT-H-14", description="hpsv2: open_clip architecture name")
-    model_config_path: str | None = Field(
-        None, description="hpsv2: open_clip model-config JSON for a non-built-in architecture"
-    )
-    model_path: str | None = Field(None, description="pickscore: CLIPModel folder or hub id")
-    processor_path: str | None = Field(
-        None, description="pickscore: CLIP processor folder or hub id (default: model_path)"
-    )
-    hpsv3_checkpoint: str | None = Field(None, description="hpsv3: path of HPSv3.safetensors")
-    hpsv3_config: str | None = Field(
-        None,
-        description="hpsv3: the hpsv3 package's config yaml (default: its HPSv3_7B.yaml, whose "
-        "base model Qwen/Qwen2-VL-7B-Instruct must be in the Hugging Face cache)",
-    )
-    hpsv3_scale: float = Field(
-        HPSV3_SCALE, gt=0, description="hpsv3: factor on (1 + w)·μ(x, p) − μ(x, n)"
-    )
+    checkpoint: str | None = Field(None, description=_meaning("checkpoint"))
+    model_name: str = Field("ViT-H-14", description=_meaning("model_name"))
+    model_config_path: str | None = Field(None, description=_meaning("model_config_path"))
+    model_path: str | None = Field(None, description=_meaning("model_path"))
+    processor_path: str | None = Field(None, description=_meaning("processor_path"))
+    hpsv3_checkpoint: str | None = Field(None, description=_meaning("hpsv3_checkpoint"))
+    hpsv3_config: str | None = Field(None, description=_meaning("hpsv3_config"))
+    hpsv3_scale: float = Field(HPSV3_SCALE, gt=0, description=_meaning("hpsv3_scale"))
     mix: dict[str, float] | None = Field(
         None,
         description="mix: reward kind → weight, e.g. {hpsv2: 1.0, hpsv3: 0.5}; each kind's "
@@ -82,69 +74,58 @@ class RewardConfig(_Section):
     def _check_mix(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is None:
             return value
-        unknown = sorted(set(value) - set(REWARD_FILES))
+        unknown = sorted(set(value) - set(REWARD_KINDS))
         if unknown or not value:
-            raise ValueError(f"unknown kind(s) {unknown}; expected some of {list(REWARD_FILES)}")
+            raise ValueError(f"unknown kind(s) {unknown}; expected some of {list(REWARD_KINDS)}")
         if not all(0 < weight < float("inf") for weight in value.values()):
             raise ValueError(f"weights must be positive and finite, got {value}")
         return value
 
     @model_validator(mode="after")
     def _check_mix_kind(self) -> RewardConfig:
-        if self.kind == "mix" and self.mix is None:
+        if self.kind == MIX and self.mix is None:
             raise ValueError("reward.mix: required for kind 'mix'")
-        if self.kind != "mix" and self.mix is not None:
+        if self.kind != MIX and self.mix is not None:
             raise ValueError(f"reward.mix: only for kind 'mix', not {self.kind!r}")
         return self
 
     def kinds(self) -> list[str]:
         """The reward models this section loads: its kind, or the kinds of its mix."""
-        return list(self.mix or {}) if self.kind == "mix" else [self.kind]
+        return list(self.mix or {}) if self.kind == MIX else [self.kind]
 
     def paths_of(self, kind: str) -> list[str]:
         """The files or folders (or hub ids) of reward model `kind` that this section names."""
-        return [getattr(self, key) for key in REWARD_FILES[kind] if getattr(self, key)]
+        return list(self._files(kind).values())
 
     def weight_paths(self) -> dict[str, str]:
         """Every file or folder (or hub id) the reward loads, by its key in this section."""
-        return {
-            key: getattr(self, key)
-            for kind in self.kinds()
-            for key in REWARD_FILES[kind]
-            if getattr(self, key)
-        }
+        return {key: value for kind in self.kinds() for key, value in self._files(kind).items()}
+
+    def _files(self, kind: str) -> dict[str, str]:
+        keys = (setting.key for setting in reward_kind(kind).settings if setting.file)
+        return {key: getattr(self, key) for key in keys if getattr(self, key)}
 
     def load_arguments(self) -> dict[str, Any]:
         """Keyword arguments of `srpo.rewards.load_reward` for this kind."""
-        if self.kind == "mix":
+        if self.kind == MIX:
             arguments = {kind: self._arguments(kind) for kind in self.kinds()}
             return {"weights": dict(self.mix or {}), "arguments": arguments}
         return self._arguments(self.kind)
 
     def _arguments(self, kind: str) -> dict[str, Any]:
-        """Keyword arguments of reward `kind`'s `load`; one line naming a missing key."""
-        if kind == "hpsv2":
-            if not self.checkpoint:
-                raise InputError("reward.checkpoint: required for kind 'hpsv2'")
-            arguments: dict[str, Any] = {
-                "checkpoint": Path(self.checkpoint),
-                "model_name": self.model_name,
-            }
-            if self.model_config_path:
-                arguments["model_config"] = Path(self.model_config_path)
-            return arguments
-        if kind == "pickscore":
-            if not self.model_path:
-                raise InputError("reward.model_path: required for kind 'pickscore'")
-            return {"model_path": self.model_path, "processor_path": self.processor_path}
-        if not self.hpsv3_checkpoint:
-            raise InputError("reward.hpsv3_checkpoint: required for kind 'hpsv3'")
-        config = Path(self.hpsv3_config) if self.hpsv3_config else None
-        return {
-            "checkpoint": Path(self.hpsv3_checkpoint),
-            "config": config,
-            "scale": self.hpsv3_scale,
-        }
+        """Keyword arguments of reward `kind`'s `load`; one line naming a missing key. An unset
+        optional file is None, the loader's default."""
+        arguments: dict[str, Any] = {}
+        for declared in reward_kind(kind).settings:
+            value = getattr(self, declared.key)
+            if declared.file and not value:
+                if declared.required:
+                    raise InputError(f"reward.{declared.key}: required for kind '{kind}'")
+                value = None
+            elif declared.file and not declared.hub:
+                value = Path(value)
+            arguments[declared.argument] = value
+        return arguments
 
 
 class OptimConfig(_Section):
@@ -202,14 +183,11 @@ class EvaluationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_enabled(self) -> EvaluationConfig:
-        if self.metrics:  # the registry imports the metric models (torch): only when needed
-            from srpo.rewards.metric import METRICS
-
-            for name in self.metrics:
-                if name not in METRICS:
-                    raise ValueError(
-                        f"metrics.{name}: unknown metric; expected one of {', '.join(METRICS)}"
-                    )
+        for name in self.metrics:
+            if name not in METRICS:
+                raise ValueError(
+                    f"metrics.{name}: unknown metric; expected one of {', '.join(METRICS)}"
+                )
         for name in self.collapse.margins:
             if name not in self.metrics:
                 raise ValueError(

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from srpo.io import InputError, sha256_file
-from srpo.verify import HUB_KEYS, hub_unreachable, require_pretrained
+from srpo.scorers import HUB_KEYS
+from srpo.verify import hub_unreachable, require_pretrained
 
 CONTAINERS_CONFIG = Path("config/containers.yaml")
 SCHEMA = Path("workflow/schemas/config.schema.yaml")

@@ -7,7 +7,7 @@ code, seeded, and saved as safetensors, so a manifest of file hashes pins it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from srpo.io import InputError, atomic_path, file_hashes, package_versions, write_json
+from srpo.scorers import MAIN, SCORERS, resolve
 from srpo.text_tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 HIDDEN = 32
@@ -156,23 +157,16 @@ def build_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
 
 
 MAIN_PARTS = ("flux", "hpsv2", "pickscore", "aesthetic")
-"""What `srpo make-tiny` builds by default: everything the main environment can load."""
-METRIC_ENV_PARTS = ("hpsv3", "imagereward")
-"""Built inside their own environments (.venv-hpsv3, .venv-imagereward), one part at a time."""
+"""What `srpo make-tiny` builds by default: FLUX and every scorer of the main environment, in
+the order of the manifests already built (tests/unit/test_rewards.py checks it covers them)."""
+METRIC_ENV_PARTS = tuple(
+    sorted(name for name, scorer in SCORERS.items() if scorer.environment != MAIN)
+)
+"""Scorers built inside their own environments (.venv-NAME), one part at a time; by name."""
 
 
-def _builder(part: str):
-    from srpo.rewards import aesthetic, hpsv2, hpsv3, imagereward, pickscore
-
-    builders = {
-        "flux": build_tiny_flux,
-        "hpsv2": hpsv2.build_tiny,
-        "pickscore": pickscore.build_tiny,
-        "aesthetic": aesthetic.build_tiny,
-        "hpsv3": hpsv3.build_tiny,
-        "imagereward": imagereward.build_tiny,
-    }
-    return builders[part]
+def _builder(part: str) -> Callable[[Path, int], Path]:
+    return build_tiny_flux if part == "flux" else resolve(SCORERS[part].tiny)
 
 
 def manifest_name(parts: tuple[str, ...]) -> str:

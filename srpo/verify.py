@@ -18,8 +18,6 @@ from srpo.io import InputError, sha256_file
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_KEYS = ("model_path", "processor_path")
-"""Weight keys that may name a hub id (PickScore's); every other key names a file."""
 HUB_TIMEOUT_S = 5.0
 """How long the reachability probe of the hub waits before calling it unreachable."""
 

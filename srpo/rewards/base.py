@@ -83,7 +83,11 @@ class RewardModel(Reward):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-normalised image features [B,D]; differentiable w.r.t. `images`."""
-        pixels = self.preprocess(images).to(self._device, self._dtype)
+        return self.pixel_features(self.preprocess(images).to(self._device, self._dtype))
+
+    def pixel_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-normalised features [B,D] of pixels already preprocessed: by `preprocess` in
+        training, by an evaluation metric's own transform (srpo.rewards.metric.CosineMetric)."""
         return nn.functional.normalize(self._embed_images(pixels), dim=-1)
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:

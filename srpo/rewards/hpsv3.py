@@ -32,9 +32,10 @@ from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.base import Reward
 from srpo.rewards.metric import Metric
 from srpo.rewards.packaged import first_line, import_package, require_file
+from srpo.scorers import SCORERS
 
-ENVIRONMENT = "hpsv3"
-TRAIN_COMMAND = "torchrun-hpsv3 [torchrun options] -m srpo train"
+ENVIRONMENT = SCORERS["hpsv3"].environment
+TRAIN_COMMAND = f"torchrun-{ENVIRONMENT} [torchrun options] -m srpo train"
 """How a training job with an HPSv3 reward is launched outside the workflow, which runs it so
 itself (`srpo-hpsv3 train` for one process; both written by envs/metric-env.sh)."""
 PIXEL_RANGE = 255.0

@@ -33,8 +33,9 @@ from PIL import Image
 from srpo.io import InputError, atomic_path, sha256_file
 from srpo.rewards.metric import Metric
 from srpo.rewards.packaged import first_line, import_package, require_file
+from srpo.scorers import SCORERS
 
-ENVIRONMENT = "imagereward"
+ENVIRONMENT = SCORERS["imagereward"].environment
 CHECKPOINT_NAME = "ImageReward.pt"
 MED_CONFIG_NAME = "med_config.json"
 TOKENIZER_NAME = "bert-base-uncased"

@@ -9,7 +9,7 @@ with numbers computed the way the scorer's authors compute them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,11 +18,7 @@ from torch import nn
 
 from srpo.io import InputError
 from srpo.rewards.base import RewardModel
-
-METRICS = ("hpsv2", "aesthetic", "pickscore", "imagereward", "hpsv3")
-"""Names `load_metric` accepts, in the order the paper's tables list them."""
-OWN_ENVIRONMENT = {"imagereward": "imagereward", "hpsv3": "hpsv3"}
-"""Metrics whose published package runs only in its own `.venv-NAME` (envs/metric-env.sh)."""
+from srpo.scorers import METRICS, SCORERS, resolve
 
 
 class Metric(ABC):
@@ -101,22 +97,9 @@ class CosineMetric(PixelMetric):
     model: RewardModel
 
     def _score_pixels(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        images = nn.functional.normalize(self.model._embed_images(pixels), dim=-1)
+        images = self.model.pixel_features(pixels)
         texts = self.model.text_features(prompts)
         return self.model.score_scale * (images * texts).sum(dim=-1)
-
-
-def _loaders() -> dict[str, Callable[..., Metric]]:
-    # Imported here, not at the top: these modules subclass `Metric` from this one.
-    from srpo.rewards import aesthetic, hpsv2, hpsv3, imagereward, pickscore
-
-    return {
-        "hpsv2": hpsv2.load_metric,
-        "aesthetic": aesthetic.load_metric,
-        "pickscore": pickscore.load_metric,
-        "imagereward": imagereward.load_metric,
-        "hpsv3": hpsv3.load_metric,
-    }
 
 
 def load_metric(
@@ -126,7 +109,9 @@ def load_metric(
     batch_size: int = 16,
     **paths: Any,
 ) -> Metric:
-    """Load metric `name` onto `device` in `dtype`; `paths` are that metric's `load_metric` args."""
+    """Load metric `name` onto `device` in `dtype`; `paths` are the keyword arguments of its
+    module's `load_metric` (srpo.scorers names it)."""
     if name not in METRICS:
         raise InputError(f"--metric: expected one of {', '.join(METRICS)}, got {name!r}")
-    return _loaders()[name](batch_size=batch_size, **paths).to(device, dtype)
+    loader = resolve(SCORERS[name].metric)
+    return loader(batch_size=batch_size, **paths).to(device, dtype)

@@ -29,13 +29,14 @@ from transformers import CLIPModel, CLIPProcessor
 
 from srpo.io import InputError, file_hashes
 from srpo.rewards import aesthetic, hpsv2, pickscore
-from srpo.rewards.metric import METRICS, OWN_ENVIRONMENT, Metric, load_metric
+from srpo.rewards.metric import Metric, load_metric
+from srpo.scorers import MAIN, METRICS, SCORERS
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPTS = ["a cat", "a dog on a sofa", "a red fox in the snow", "portrait", "a lighthouse at dusk"]
 HPSV2_PIP = "pip install --no-deps hpsv2==1.2.0 clint==0.5.1 args==0.1.0"
-HERE = [name for name in METRICS if name not in OWN_ENVIRONMENT]
+HERE = [name for name in METRICS if SCORERS[name].environment == MAIN]
 """The metrics of the main environment; the others are tested in tests/metric_envs."""
 
 
@@ -343,7 +344,7 @@ def test_own_environment_metrics_name_their_environment(
     """Their packages are not importable here: one line saying which environment to use."""
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is importable: this is its own environment")
-    environment = OWN_ENVIRONMENT[name]
+    environment = SCORERS[name].environment
     hint = f"run with srpo-{environment} after bash envs/metric-env.sh {environment}"
     one_line_error(name, package, hint, **dict.fromkeys(files, tmp_path / "absent"))
 

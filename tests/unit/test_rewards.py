@@ -6,20 +6,27 @@ independently from the same files, torchvision's own transforms), never with the
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import open_clip
 import pytest
 import torch
+import yaml
+from support import REPO
 from torchvision import transforms
 from transformers import AutoTokenizer, CLIPModel
 
+from srpo import scorers
+from srpo.config import REWARD_PATHS, RewardConfig
 from srpo.io import file_hashes
 from srpo.rewards import RewardModel, hpsv2, load_reward, pickscore
+from srpo.tiny import MAIN_PARTS, METRIC_ENV_PARTS
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,6 +193,7 @@ def test_tiny_hps_has_vit_h_14_key_layout(hps_dir: Path) -> None:
 BUILD_BOTH = """
 import sys
 from pathlib import Path
+from typing import get_args
 from srpo.rewards import hpsv2, pickscore
 root = Path(sys.argv[1])
 hpsv2.build_tiny(root / "hps")
@@ -254,3 +262,82 @@ def test_unknown_reward_kind() -> None:
     with pytest.raises(ValueError) as error:
         load_reward("imagereward")
     assert_one_line_error(error, "'imagereward'", "hpsv2", "pickscore")
+
+
+# ------------------------------------------------------------------ the registry (srpo.scorers)
+@pytest.mark.parametrize("name", scorers.METRICS)
+def test_every_scorer_resolves(name: str) -> None:
+    """Each declared scorer's metric, tiny build and loader import and take the keywords it is
+    given; those of another environment import here too (their packages load lazily)."""
+    scorer = scorers.SCORERS[name]
+    metric = inspect.signature(scorers.resolve(scorer.metric)).parameters
+    assert {"batch_size", *scorer.metric_hub_keys} <= set(metric)
+    assert list(inspect.signature(scorers.resolve(scorer.tiny)).parameters) == ["out_dir", "seed"]
+    if scorer.reward is not None:
+        loader = inspect.signature(scorers.resolve(scorer.reward.loader)).parameters
+        assert [s.argument for s in scorer.reward.settings] == list(loader)
+
+
+def test_reward_config_derives_from_the_registry() -> None:
+    """The `reward:` keys, kinds, files and hub keys are the declared ones, described as such."""
+    declared = {
+        s.key: (kind, s)
+        for kind in scorers.REWARD_KINDS
+        for s in scorers.reward_kind(kind).settings
+    }
+    fields = RewardConfig.model_fields
+    assert set(declared) == set(fields) - {"kind", "mix"}
+    for key, (kind, setting) in declared.items():
+        assert fields[key].description == f"{kind}: {setting.meaning}"
+    assert {key for key, (_, setting) in declared.items() if setting.file} == REWARD_PATHS
+    assert get_args(fields["kind"].annotation) == (*scorers.REWARD_KINDS, "mix")
+    assert scorers.REWARD_KINDS == ("hpsv2", "pickscore", "hpsv3")
+    assert scorers.HUB_KEYS == ("model_path", "processor_path")
+    assert {key for key, (_, setting) in declared.items() if setting.hub} <= set(scorers.HUB_KEYS)
+    with pytest.raises(ValueError) as error:
+        load_reward("imagereward")
+    assert_one_line_error(error, "expected one of: hpsv2, pickscore, hpsv3, mix")
+
+
+def test_environments_and_tiny_parts_match_the_registry() -> None:
+    """config/containers.yaml runs each scorer's rules where its declaration says; the workflow
+    schema and `srpo make-tiny` know every scorer."""
+    rules = yaml.safe_load((REPO / "config/containers.yaml").read_text())["containers"]["rules"]
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    for name, scorer in scorers.SCORERS.items():
+        assert rules[f"score_{name}"] == scorer.environment
+        if scorer.environment != scorers.MAIN:
+            assert rules[f"build_tiny_{name}"] == scorer.environment
+    properties = schema["properties"]
+    assert set(properties["scored_metrics"]["items"]["enum"]) == set(scorers.METRICS)
+    assert set(properties["metrics"]["propertyNames"]["enum"]) == set(scorers.METRICS)
+    main = [name for name, s in scorers.SCORERS.items() if s.environment == scorers.MAIN]
+    assert sorted(MAIN_PARTS) == sorted(["flux", *main])
+    assert METRIC_ENV_PARTS == ("hpsv3", "imagereward")
+
+
+def test_a_new_scorer_declares_every_part() -> None:
+    """A declaration that leaves a field out, or names code without "module:attribute", fails
+    when the module is imported, not when a run first needs the missing part."""
+    complete = {
+        "name": "clipscore",
+        "metric": "srpo.rewards.clipscore:load_metric",
+        "metric_hub_keys": (),
+        "tiny": "srpo.rewards.clipscore:build_tiny",
+        "environment": scorers.MAIN,
+        "reward": None,
+    }
+    assert scorers.Scorer(**complete).name == "clipscore"
+    for field in complete:
+        with pytest.raises(TypeError, match=field):
+            scorers.Scorer(**{k: v for k, v in complete.items() if k != field})
+    with pytest.raises(ValueError, match="module:attribute"):
+        scorers.Scorer(**{**complete, "metric": "srpo.rewards.clipscore.load_metric"})
+    with pytest.raises(ValueError, match="not a usable name"):
+        scorers.Scorer(**{**complete, "name": "mix"})
+    with pytest.raises(TypeError, match="settings"):
+        scorers.RewardKind(loader="srpo.rewards.clipscore:load")
+    with pytest.raises(TypeError, match="argument"):
+        scorers.Setting(key="clip_checkpoint", meaning="a checkpoint")
+    with pytest.raises(ValueError, match="hub id names a file"):
+        scorers.Setting(key="k", argument="k", meaning="m", file=False, hub=True)
