@@ -22,6 +22,7 @@ LAYERS = (
             "srpo.verify",
             "srpo.tiny",
             "srpo.sample_manifest",
+            "srpo.scorers",
         ),
     ),
     (
