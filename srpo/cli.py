@@ -378,7 +378,7 @@ def sample_command(
     """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard
     or to replace its images after the settings or the model changed."""
     _check_inputs(verify, {"--base-model": base_model})
-    from srpo.sample import SampleSettings, parse_shard, sample_images
+    from srpo.sample import SampleSettings, SettingError, parse_shard, sample_images
 
     settings = SampleSettings(
         steps=steps,
@@ -390,7 +390,12 @@ def sample_command(
         batch_size=batch_size,
         dtype=dtype,
     )
-    result = sample_images(base_model, prompts, out_dir, settings, transformer, parse_shard(shard))
+    index_count = parse_shard(shard)
+    try:
+        settings.validate()
+    except SettingError as error:  # named by the option that set it
+        raise InputError(f"--{error.setting.replace('_', '-')}: {error.problem}") from None
+    result = sample_images(base_model, prompts, out_dir, settings, transformer, index_count)
     typer.echo(result.summary())
 
 
@@ -408,7 +413,7 @@ def gather_samples_command(
 ) -> None:
     """Check that shards 0..n−1 share one spec and every prompt has its recorded image, then
     merge their manifests into manifest.json."""
-    from srpo.sample import gather_manifests
+    from srpo.sample_manifest import gather_manifests
 
     typer.echo(f"wrote {gather_manifests(out_dir, shards)}")
 
