@@ -1,5 +1,5 @@
-"""`srpo bench`: our trainer and sampler side by side with the authors' recipe, on one machine.
+"""Our trainer and sampler side by side with the authors' recipe, on one machine.
 
-Run as `python -m benchmarks --suite cpu --size full` (or `srpo bench …`) from the repository
-root; README.md in this folder explains every figure.
+Run as `python -m benchmarks --suite cpu --size full` from the repository root (the folder is
+not installed with srpo); README.md in this folder explains every figure.
 """

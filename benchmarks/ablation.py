@@ -3,7 +3,7 @@
     python -m benchmarks.ablation [--suite cpu --size full]
 
 Runs our train step on the suite's headline model (same ranks, inputs and threads as
-`srpo bench`) once per configuration, from the code before the optimisations (FSDP2's
+`python -m benchmarks`) once per configuration, from the code before the optimisations (FSDP2's
 per-forward gathers, the per-tensor AdamW loop) to today's default, and writes
 benchmarks/results/<suite>-ablation.json and .md.
 """

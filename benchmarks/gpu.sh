@@ -8,7 +8,7 @@
 # into a folder layered over this Python (PYTHON, default python3) through PYTHONPATH, which
 # every worker process inherits; then `python -m benchmarks.gpu_check OUT_DIR` probes the fused
 # attention kernels, runs the tiny default's CLI path in every precision policy and with LoRA,
-# `srpo bench --suite gpu --size full` and the precision comparison, and writes every output,
+# `python -m benchmarks --suite gpu --size full` and the precision comparison, and writes every output,
 # log and OUT_DIR/summary.json. Copy OUT_DIR/bench/gpu-latest.* and OUT_DIR/precision/* into
 # benchmarks/results to commit them.
 set -euo pipefail

@@ -10,7 +10,7 @@ Four parts, each writing into OUT_DIR and a line per check into OUT_DIR/summary.
   `srpo sample` + `gather-samples` with the trained transformer, `srpo score` with three
   metrics; once more in fsdp-bf16 with every fused attention kernel off (srpo.runtime.attention),
   which tells a kernel's fault from the rest's;
-- `bench`: `srpo bench --suite gpu --size full`;
+- `bench`: `python -m benchmarks --suite gpu --size full`;
 - `precision`: the precision policies side by side (`python -m benchmarks.precision`).
 A part that fails is reported and the next one still runs; the exit status is 1 if any failed.
 """
@@ -259,7 +259,8 @@ def _written(command: list[str], out: Path, name: str) -> dict:
 
 
 def _bench(out: Path) -> dict:
-    return _written(_srpo("bench", "--suite", "gpu", "--size", "full"), out, "bench")
+    command = [sys.executable, "-m", "benchmarks", "--suite", "gpu", "--size", "full"]
+    return _written(command, out, "bench")
 
 
 def _precision(out: Path) -> dict:

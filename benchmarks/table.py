@@ -1,4 +1,4 @@
-"""The Markdown table of one `srpo bench` result (committed beside its JSON)."""
+"""The Markdown table of one `python -m benchmarks` result (committed beside its JSON)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def _f(value: float, digits: int = 2) -> str:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# `srpo bench --suite {result['suite']} --size {result['size']}`",
+        f"# `python -m benchmarks --suite {result['suite']} --size {result['size']}`",
         "",
         f"{result['date']} · commit {result['commit'][:10]} · {result['machine']} · "
         f"{result['dtype']} · matmul peak {_f(result['gemm_peak_gflops'], 1)} GFLOP/s "

@@ -68,8 +68,8 @@ stage torch-floor torch_floor_stage
 # temporary folder; no timing is asserted): the committed figures come from their full sizes.
 # Then the GPU machine check's own path (benchmarks/gpu.sh, nothing to install) on its fp32
 # variant: train, SIGTERM, resume, export, sample, score.
-stage bench bash -c 'out=$(mktemp -d) && srpo bench --suite cpu --size smoke --out-dir "$out" &&
-  srpo bench --suite gpu --size smoke --out-dir "$out" &&
+stage bench bash -c 'out=$(mktemp -d) && python -m benchmarks --suite cpu --size smoke --out-dir "$out" &&
+  python -m benchmarks --suite gpu --size smoke --out-dir "$out" &&
   python -m benchmarks.precision --size smoke --out-dir "$out" &&
   mkdir "$out/no-wheels" && bash benchmarks/gpu.sh "$out/no-wheels" "$out/check" --part cli --variant fp32'
 # Debian's Chromium for the HTML report's browser test (installed once; needs root).

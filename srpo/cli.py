@@ -378,7 +378,7 @@ def sample_command(
     """Sample evaluation images with fixed per-prompt seeds; rerun to finish a stopped shard
     or to replace its images after the settings or the model changed."""
     _check_inputs(verify, {"--base-model": base_model})
-    from srpo.sample import SampleSettings, parse_shard, sample_images
+    from srpo.sample import SampleSettings, SettingError, parse_shard, sample_images
 
     settings = SampleSettings(
         steps=steps,
@@ -390,7 +390,12 @@ def sample_command(
         batch_size=batch_size,
         dtype=dtype,
     )
-    result = sample_images(base_model, prompts, out_dir, settings, transformer, parse_shard(shard))
+    index_count = parse_shard(shard)
+    try:
+        settings.validate()
+    except SettingError as error:  # named by the option that set it
+        raise InputError(f"--{error.setting.replace('_', '-')}: {error.problem}") from None
+    result = sample_images(base_model, prompts, out_dir, settings, transformer, index_count)
     typer.echo(result.summary())
 
 
@@ -408,7 +413,7 @@ def gather_samples_command(
 ) -> None:
     """Check that shards 0..n−1 share one spec and every prompt has its recorded image, then
     merge their manifests into manifest.json."""
-    from srpo.sample import gather_manifests
+    from srpo.sample_manifest import gather_manifests
 
     typer.echo(f"wrote {gather_manifests(out_dir, shards)}")
 
@@ -503,47 +508,3 @@ def doctor_command(
     typer.echo(f"{len(doctor.rows)} checks, {len(failed)} failed")
     if failed:
         raise typer.Exit(2)
-
-
-class Suite(StrEnum):
-    cpu = "cpu"
-    gpu = "gpu"
-
-
-class Size(StrEnum):
-    smoke = "smoke"
-    full = "full"
-
-
-@app.command("bench")
-@_one_line_errors
-def bench_command(
-    suite: Annotated[
-        Suite,
-        typer.Option(
-            help="cpu: fp32 on this machine (tiny + real-width FLUX blocks); gpu: bf16 on one "
-            "CUDA device (real width, 2+4 blocks, 720 px training, 1024 px sampling)."
-        ),
-    ] = Suite.cpu,
-    size: Annotated[
-        Size,
-        typer.Option(help="smoke: minutes, the code path only (CI); full: the committed figures."),
-    ] = Size.smoke,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where <suite>[-smoke]-latest.json and .md go (default: benchmarks/results)."
-        ),
-    ] = None,
-) -> None:
-    """Time our train step and sampler beside the authors' recipe and the stock FluxPipeline.
-
-    Needs a checkout of the repository (the benchmarks/ folder is not installed with srpo)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "run.py").is_file():
-        raise InputError(f"{root / 'benchmarks'}: not found; run srpo bench from a checkout")
-    sys.path.insert(0, str(root))
-    from benchmarks.run import bench
-
-    path = bench(suite.value, size.value, out_dir or root / "benchmarks" / "results")
-    typer.echo(f"wrote {path}")

@@ -21,6 +21,7 @@ import yaml
 from scipy import stats
 
 from srpo.io import InputError, atomic_path, clear_staging, one_line, provenance, write_json
+from srpo.sample_manifest import model_record, read_sample_manifest
 from srpo.score import SCORE_COLUMNS
 
 matplotlib.use("Agg")
@@ -220,7 +221,7 @@ def image_grid(
     samples: dict[str, Path], path: Path, max_prompts: int = 8
 ) -> tuple[Path, list[int]]:
     """Rows: the same prompts (same seeds); columns: baseline then each checkpoint."""
-    from srpo.score import open_rgb, read_sample_manifest
+    from srpo.score import open_rgb
 
     manifests = {label: read_sample_manifest(folder) for label, folder in samples.items()}
     shared = set.intersection(*({image.prompt_id for image in m} for m in manifests.values()))
@@ -352,9 +353,9 @@ def _weight_hashes(scores: pd.DataFrame, samples: dict[str, Path]) -> dict[str, 
         for metric, value in scores.groupby("metric")["checkpoint_sha256"].first().items()
     }
     for label, folder in samples.items():
-        manifest = Path(folder) / "manifest.json"
-        if manifest.is_file():
-            hashes[f"model:{label}"] = json.loads(manifest.read_text()).get("model", {})
+        model = model_record(folder)
+        if model is not None:
+            hashes[f"model:{label}"] = model
     return hashes
 
 

@@ -1,13 +1,8 @@
 """Evaluation sampling (SPEC §2 step 4, §4): the stock FluxPipeline, fixed seeds, any sharding.
 
-Layout of an output folder:
-    images/00012.png                         one PNG per prompt id
-    manifests/shard-000-of-004.json          one shard's spec (settings, model, prompts) and
-                                             its images with their seeds and sha256
-    manifests/shard-000-of-004.progress.json the images the shard's last run has made so far
-    manifest.json                            shards 0..n−1 merged by `gather_manifests`
 Each image's seed depends only on (seed, prompt_id), batches are cut from the global prompt order
-and shard i of n takes batches i, i+n, …, so every sharding writes byte-identical PNGs.
+and shard i of n takes batches i, i+n, …, so every sharding writes byte-identical PNGs. The
+folder's layout and its manifests are srpo.sample_manifest's.
 
 There is no folder-wide record: a shard keeps an existing image only if a manifest (final or
 progress, of any shard count) made with the same spec records its sha256, and makes every other
@@ -22,7 +17,6 @@ never stopped.
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from collections.abc import Sequence
@@ -42,17 +36,34 @@ from srpo.io import (
     one_line,
     provenance,
     sha256_file,
-    write_json,
 )
 from srpo.prompts import EvalPrompt, read_eval_prompts
 from srpo.runtime.precision import DTYPES
 from srpo.runtime.seeds import derive_seed
+from srpo.sample_manifest import (
+    gathered_manifest,
+    image_entry,
+    image_file,
+    make_spec,
+    progress_manifest,
+    recorded_digests,
+    shard_manifest,
+    write_progress,
+    write_shard,
+)
 
-MANIFEST = "manifest.json"
 STATE_DICT_SUFFIX = ".safetensors"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-SPEC_KEYS = ("settings", "model", "prompts")
-ENTRY_KEYS = {"prompt_id", "style", "prompt", "seed", "file", "sha256"}
+
+
+class SettingError(InputError):
+    """A bad `SampleSettings` field: the message names the field, and `setting` lets a front
+    end (the CLI's flags) name it in its own terms."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -71,23 +82,23 @@ class SampleSettings:
     def validate(self) -> None:
         """Reject values the pipeline would silently change (FLUX rounds sizes to 16 px)."""
         positive = {
-            "--steps": self.steps,
-            "--batch-size": self.batch_size,
-            "--max-sequence-length": self.max_sequence_length,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_sequence_length": self.max_sequence_length,
         }
-        for option, value in positive.items():
+        for setting, value in positive.items():
             if value < 1:
-                raise InputError(f"{option}: expected a positive integer, got {value}")
-        for option, value in {"--height": self.height, "--width": self.width}.items():
+                raise SettingError(setting, f"expected a positive integer, got {value}")
+        for setting, value in {"height": self.height, "width": self.width}.items():
             if value < 16 or value % 16:
-                raise InputError(f"{option}: expected a positive multiple of 16, got {value}")
+                raise SettingError(setting, f"expected a positive multiple of 16, got {value}")
         if self.max_sequence_length > 512:
-            raise InputError(
-                f"--max-sequence-length: expected at most 512 (FLUX's T5 limit), "
-                f"got {self.max_sequence_length}"
+            raise SettingError(
+                "max_sequence_length",
+                f"expected at most 512 (FLUX's T5 limit), got {self.max_sequence_length}",
             )
         if self.dtype is not None and self.dtype not in DTYPES:
-            raise InputError(f"--dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise SettingError("dtype", f"expected one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -125,14 +136,6 @@ def shard_batches(
     (batched matmuls are not bitwise batch-invariant, so this is what keeps PNGs identical)."""
     batches = [list(prompts[k : k + batch_size]) for k in range(0, len(prompts), batch_size)]
     return batches[shard::shards]
-
-
-def image_file(prompt_id: int) -> str:
-    return f"images/{prompt_id:05d}.png"
-
-
-def shard_manifest_name(shard: int, shards: int) -> str:
-    return f"shard-{shard:03d}-of-{shards:03d}.json"
 
 
 def is_complete_image(path: Path, width: int, height: int) -> bool:
@@ -232,55 +235,6 @@ def generate(pipe: Any, batch: Sequence[EvalPrompt], settings: SampleSettings) -
     ).images
 
 
-def _first_difference(
-    first: Any, second: Any, names: tuple[str, str] = ("here", "now"), key: str = ""
-) -> str:
-    """`key: value-1 <names[0]>, value-2 <names[1]>` for the first differing (nested) key."""
-    if isinstance(first, dict) and isinstance(second, dict):
-        for name in sorted(set(first) | set(second)):
-            if first.get(name) != second.get(name):
-                return _first_difference(
-                    first.get(name), second.get(name), names, f"{key}.{name}".strip(".")
-                )
-    return f"{key}: {first!r} {names[0]}, {second!r} {names[1]}"
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path}: unreadable {what} ({one_line(error)})") from None
-
-
-def _spec_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {key: manifest.get(key) for key in SPEC_KEYS}
-
-
-def recorded_digests(out_dir: Path, spec: dict[str, Any]) -> dict[str, set[str]]:
-    """Image file → the sha256s that manifests made with exactly `spec` record for it.
-
-    Every manifest in manifests/ counts, of any shard count, finished or partial; one that is
-    unreadable or not a manifest vouches for nothing (its images are then simply made again).
-    """
-    recorded: dict[str, set[str]] = {}
-    for path in sorted((Path(out_dir) / "manifests").glob("*.json")):
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if not isinstance(manifest, dict) or _spec_of(manifest) != spec:
-            continue
-        images = manifest.get("images")
-        for entry in images if isinstance(images, list) else []:
-            if isinstance(entry, dict):
-                file, digest = entry.get("file"), entry.get("sha256")
-                if isinstance(file, str) and isinstance(digest, str):
-                    recorded.setdefault(file, set()).add(digest)
-    return recorded
-
-
 def sample_images(
     base_model: str,
     prompts: Path,
@@ -310,11 +264,11 @@ def sample_images(
     prompt_list = read_eval_prompts(prompts)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = settings.dtype or ("bfloat16" if target.type == "cuda" else "float32")
-    spec = {
-        "settings": {**asdict(settings), "dtype": dtype, "device": target.type},
-        "model": model_identity(base_model, transformer),
-        "prompts": {"sha256": sha256_file(prompts), "count": len(prompt_list)},
-    }
+    spec = make_spec(
+        settings={**asdict(settings), "dtype": dtype, "device": target.type},
+        model=model_identity(base_model, transformer),
+        prompts={"sha256": sha256_file(prompts), "count": len(prompt_list)},
+    )
     config = {
         "base_model": base_model,
         "transformer": None if transformer is None else str(transformer),
@@ -331,21 +285,21 @@ def sample_images(
     stale = sum(_png(out_dir, p).exists() for p in own if p.prompt_id not in digests)
     skipped = len(digests)
     pipe = load_pipeline(base_model, transformer, DTYPES[dtype], target) if todo else None
-    manifest = out_dir / "manifests" / shard_manifest_name(index, count)
-    progress_file = manifest.with_suffix(".progress.json")
-    shard_record = {"index": index, "count": count}
-    clear_staging([manifest, progress_file, *(_png(out_dir, p) for p in own)])
+    manifest = shard_manifest(out_dir, index, count)
+    clear_staging(
+        [manifest, progress_manifest(out_dir, index, count), *(_png(out_dir, p) for p in own)]
+    )
 
     def record_progress() -> None:
         made = [
             _entry(p, settings.seed, digests[p.prompt_id]) for p in own if p.prompt_id in digests
         ]
-        write_json(progress_file, {**spec, "shard": shard_record, "images": made})
+        write_progress(out_dir, spec, index, count, made)
 
     record_progress()  # vouches for the kept images even once `manifest` is gone
     if todo:  # from the first image written, these describe a folder that no longer exists
         manifest.unlink(missing_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)
+        gathered_manifest(out_dir).unlink(missing_ok=True)
     for batch in track(todo, description=f"sampling shard {index}/{count}", disable=not progress):
         for prompt, image in zip(batch, generate(pipe, batch, settings), strict=True):
             if prompt.prompt_id not in digests:
@@ -353,10 +307,7 @@ def sample_images(
                 digests[prompt.prompt_id] = sha256_file(_png(out_dir, prompt))
         record_progress()  # a stopped shard resumes after its last finished batch
     entries = [_entry(p, settings.seed, digests[p.prompt_id]) for p in own]
-    write_json(
-        manifest,
-        {**spec, "shard": shard_record, "images": entries, "provenance": made_by},
-    )
+    write_shard(out_dir, spec, index, count, entries, made_by)
     generated = len(entries) - skipped
     return SampleResult(manifest, generated, skipped, stale, time.perf_counter() - start)
 
@@ -383,87 +334,4 @@ def _png(out_dir: Path, prompt: EvalPrompt) -> Path:
 
 
 def _entry(prompt: EvalPrompt, seed: int, digest: str) -> dict[str, Any]:
-    return {
-        "prompt_id": prompt.prompt_id,
-        "style": prompt.style,
-        "prompt": prompt.prompt,
-        "seed": prompt_seed(seed, prompt.prompt_id),
-        "file": image_file(prompt.prompt_id),
-        "sha256": digest,
-    }
-
-
-def gather_manifests(out_dir: Path, shards: int = 1) -> Path:
-    """Merge the manifests of shards 0..shards−1 into `manifest.json`.
-
-    Only `shard-iii-of-<shards>.json` are read, so manifests of other shard counts or older
-    runs are ignored; those read must share one spec, cover every prompt, and every image file
-    must still have the sha256 its shard recorded (a re-run or half-written image is caught).
-    """
-    out_dir = Path(out_dir)
-    if shards < 1:
-        raise InputError(f"--shards: expected a positive integer, got {shards}")
-    paths = [out_dir / "manifests" / shard_manifest_name(i, shards) for i in range(shards)]
-    missing = [(i, path) for i, path in enumerate(paths) if not path.is_file()]
-    if missing:
-        i, path = missing[0]
-        more = (
-            f"; {len(missing) - 1} more of the {shards} shards missing" if len(missing) > 1 else ""
-        )
-        raise InputError(
-            f"{path}: shard manifest not found (run `srpo sample --shard {i}/{shards}`){more}"
-        )
-    manifests = [_read_shard(path, i, shards) for i, path in enumerate(paths)]
-    spec = _spec_of(manifests[0])
-    for path, manifest in zip(paths[1:], manifests[1:], strict=True):
-        if _spec_of(manifest) != spec:
-            names = (f"in {paths[0].name}", "here")
-            difference = _first_difference(spec, _spec_of(manifest), names)
-            raise InputError(
-                f"{path}: made differently from {paths[0].name} ({difference}); "
-                "run every shard with the same settings and model"
-            )
-    recorded = {
-        entry["prompt_id"]: (entry, path)
-        for path, manifest in zip(paths, manifests, strict=True)
-        for entry in manifest["images"]
-    }
-    expected = spec["prompts"]["count"]
-    if len(recorded) != expected:
-        raise InputError(
-            f"{out_dir / 'manifests'}: the {shards} shard manifests hold images of "
-            f"{len(recorded)} of the {expected} prompts"
-        )
-    images = [_checked_image(out_dir, *recorded[key]) for key in sorted(recorded)]
-    provenances = [
-        {"manifest": path.name, **manifest["provenance"]}
-        for path, manifest in zip(paths, manifests, strict=True)
-    ]
-    clear_staging([out_dir / MANIFEST])
-    write_json(out_dir / MANIFEST, {**spec, "images": images, "provenance": provenances})
-    return out_dir / MANIFEST
-
-
-def _read_shard(path: Path, index: int, count: int) -> dict[str, Any]:
-    shard = _read_json(path, "shard manifest")
-    well_formed = (
-        isinstance(shard, dict)
-        and {*SPEC_KEYS, "shard", "images", "provenance"} <= shard.keys()
-        and shard["shard"] == {"index": index, "count": count}
-        and isinstance(shard["prompts"], dict)
-        and "count" in shard["prompts"]
-        and isinstance(shard["images"], list)
-        and all(isinstance(e, dict) and e.keys() >= ENTRY_KEYS for e in shard["images"])
-    )
-    if not well_formed:
-        raise InputError(f"{path}: not the manifest of sample shard {index}/{count}")
-    return shard
-
-
-def _checked_image(out_dir: Path, entry: dict[str, Any], manifest: Path) -> dict[str, Any]:
-    path = out_dir / entry["file"]
-    if not path.is_file():
-        raise InputError(f"{path}: image of {manifest.name} missing (run its shard again)")
-    if sha256_file(path) != entry["sha256"]:
-        raise InputError(f"{path}: image differs from {manifest.name} (run its shard again)")
-    return entry
+    return image_entry(prompt, prompt_seed(seed, prompt.prompt_id), digest)

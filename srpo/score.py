@@ -1,8 +1,9 @@
 """Score a folder of sampled images with one metric: one parquet (and CSV) row per image.
 
 An image whose bytes differ from the sha256 its sample manifest records (half-written, or
-replaced since) is refused rather than scored; the outputs are written atomically and a re-run
-removes what a killed run left, so a run killed anywhere and run again writes the same bytes.
+replaced since) is refused rather than scored (srpo.sample_manifest checks each); the outputs
+are written atomically and a re-run removes what a killed run left, so a run killed anywhere
+and run again writes the same bytes.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from srpo.io import InputError, atomic_path, clear_staging, one_line, sha256_file
+from srpo.io import InputError, atomic_path, clear_staging, one_line
+from srpo.sample_manifest import SampledImage, read_sample_manifest
 
 SCORE_COLUMNS = (
     "prompt_id",
@@ -30,51 +31,6 @@ SCORE_COLUMNS = (
     "metric_version",
     "checkpoint_sha256",
 )
-
-
-@dataclass(frozen=True)
-class SampledImage:
-    prompt_id: int
-    style: str
-    prompt: str
-    path: Path
-    sha256: str | None = None  # recorded by `srpo sample`; None in a hand-made manifest
-
-
-def read_sample_manifest(sample_dir: Path) -> list[SampledImage]:
-    """The images of a gathered `srpo sample` folder, in prompt order."""
-    sample_dir = Path(sample_dir)
-    manifest = sample_dir / "manifest.json"
-    if not manifest.is_file():
-        raise InputError(f"{manifest}: sample manifest not found (run `srpo gather-samples`)")
-    try:
-        entries = json.loads(manifest.read_text())["images"]
-        images = [
-            SampledImage(
-                int(e["prompt_id"]),
-                str(e["style"]),
-                str(e["prompt"]),
-                sample_dir / e["file"],
-                None if e.get("sha256") is None else str(e["sha256"]),
-            )
-            for e in entries
-        ]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise InputError(f"{manifest}: not a valid sample manifest ({error!r})") from None
-    for image in images:
-        _check_image(image, manifest)
-    return sorted(images, key=lambda image: image.prompt_id)
-
-
-def _check_image(image: SampledImage, manifest: Path) -> None:
-    """An image must still be the one its manifest records, not a half-written or newer file."""
-    if not image.path.is_file():
-        raise InputError(f"{image.path}: image listed in {manifest} is missing")
-    if image.sha256 is not None and sha256_file(image.path) != image.sha256:
-        raise InputError(
-            f"{image.path}: expected the image with the sha256 recorded in {manifest} "
-            "(half-written or replaced: run `srpo sample` and `srpo gather-samples` again)"
-        )
 
 
 def open_rgb(path: Path) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Wall time of each phase of a train step, so a user (and `srpo bench`) sees where time goes.
+"""Wall time of each phase of a train step, so a user (and the benchmarks) sees where time goes.
 
 On a GPU every phase boundary synchronises the device: a handful of syncs per step of seconds,
 the price of figures that mean what they say.

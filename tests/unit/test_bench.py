@@ -2,15 +2,20 @@
 speed-ups keep the objective's bits."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import typer
 import yaml
+from support import REPO, run_env
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
 from benchmarks.flops import counted_flops, train_step_flops, transformer_forward_flops
 from benchmarks.models import ensure_models
+from benchmarks.run import app as bench_app
 from benchmarks.suites import ModelSpec, get_suite
 from benchmarks.train_step import run
 from srpo.config import load_train_config
@@ -48,9 +53,9 @@ def test_literal_baseline_computes_our_loss(bench_config: Path, tmp_path: Path):
     records = {}
     for variant in ("ours", "literal-no-anomaly"):
         out = tmp_path / f"{variant}.json"
-        # a warm-up step with a 1-step rollout, as `srpo bench` runs it, then 2 measured steps:
-        # a variant that ignored the short rollout would differ from step 1; step 3's loss
-        # depends on two updates
+        # a warm-up step with a 1-step rollout, as `python -m benchmarks` runs it, then 2
+        # measured steps: a variant that ignored the short rollout would differ from step 1;
+        # step 3's loss depends on two updates
         run(variant, bench_config, out, 1, 2, 1)
         records[variant] = json.loads(out.read_text())["records"]
     pairs = zip(records["ours"], records["literal-no-anomaly"], strict=True)
@@ -188,3 +193,24 @@ def test_suites_are_complete():
     assert get_suite("gpu", "full").device == "cuda"
     with pytest.raises(ValueError, match="--suite"):
         get_suite("tpu", "full")
+
+
+def test_one_entry_point_explains_every_option():
+    """`python -m benchmarks` (from the checkout) is the benchmarks' only entry: its --help
+    explains every option, and `srpo` has no bench command reaching into the checkout."""
+    from typer.testing import CliRunner
+
+    from srpo.cli import app as srpo_app
+
+    command = [sys.executable, "-m", "benchmarks", "--help"]
+    env = run_env(COLUMNS="200", TERM="dumb")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "Usage: python -m benchmarks [OPTIONS]" in text
+    options = [p for p in typer.main.get_command(bench_app).params if p.name != "help"]
+    assert sorted(p.name for p in options) == ["out_dir", "size", "suite"]
+    for option in options:
+        assert option.help and option.opts[0] in text and " ".join(option.help.split()) in text
+    assert "720 px training, 1024 px sampling" in text
+    assert CliRunner().invoke(srpo_app, ["bench", "--help"]).exit_code == 2

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from srpo.cli import app
 from srpo.io import InputError, clear_staging, provenance
-from srpo.sample import gather_manifests
+from srpo.sample_manifest import gather_manifests
 
 SEED = int(os.environ.get("SRPO_KILL_SEED") or random.SystemRandom().randrange(2**32))
 EPOCH = "1700000000"  # SOURCE_DATE_EPOCH of every run: provenance's `created` is then fixed

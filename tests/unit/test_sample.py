@@ -19,13 +19,13 @@ from srpo.io import InputError, sha256_file
 from srpo.prompts import EvalPrompt, read_eval_prompts
 from srpo.sample import (
     SampleSettings,
-    gather_manifests,
     generate,
     parse_shard,
     prompt_seed,
     sample_images,
     shard_batches,
 )
+from srpo.sample_manifest import gather_manifests
 
 IDS = [7, 3, 12, 0, 5, 1, 9]
 TINY = {"steps": 2, "height": 64, "width": 64, "max_sequence_length": 32, "dtype": "float32"}
@@ -264,8 +264,27 @@ def test_missing_inputs_name_the_file(tiny_flux, prompts, whole, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("steps", 0, "expected a positive integer, got 0"),
+        ("height", 100, "expected a positive multiple of 16, got 100"),
+        ("max_sequence_length", 513, "expected at most 512 (FLUX's T5 limit), got 513"),
+        ("dtype", "float8", "expected one of ['bfloat16', 'float32'], got 'float8'"),
+    ],
+)
+def test_bad_settings_name_the_field(field, value, expected):
+    """The settings know their fields, not the CLI's flags (`srpo sample` maps one to another)."""
+    assert one_line_error(settings(**{field: value}).validate) == f"{field}: {expected}"
+
+
+@pytest.mark.parametrize(
     ("option", "expected"),
-    [(["--shard", "3/2"], "error: --shard: "), (["--dtype", "float8"], "error: --dtype: ")],
+    [
+        (["--shard", "3/2"], "error: --shard: "),
+        (["--dtype", "float8"], "error: --dtype: "),
+        (["--max-sequence-length", "513"], "error: --max-sequence-length: expected at most 512"),
+        (["--batch-size", "0"], "error: --batch-size: expected a positive integer, got 0"),
+    ],
 )
 def test_cli_bad_options_one_line(tiny_flux, prompts, tmp_path, option, expected):
     args = ["sample", "--base-model", str(tiny_flux), "--prompts", str(prompts)]
