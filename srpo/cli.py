@@ -20,6 +20,10 @@ from typer._click import exceptions as click  # typer 0.29 vendors click (pinned
 
 from srpo import __version__
 from srpo.io import InputError
+from srpo.scorers import MAIN, SCORERS, TABLE_ORDER
+
+OWN_ENVIRONMENT = [name for name in TABLE_ORDER if SCORERS[name].environment != MAIN]
+"""Scorers whose models `srpo make-tiny` builds only inside their own environment."""
 
 app = typer.Typer(
     help="SRPO fine-tuning of FLUX: tiny models, text-embedding cache, training, export.",
@@ -141,7 +145,8 @@ def make_tiny_command(
         list[str] | None,
         typer.Option(
             help="Model to build, repeatable: flux, hpsv2, pickscore, aesthetic (default: all "
-            "four); hpsv3 and imagereward only inside their own environments (.venv-NAME)."
+            f"four); {' and '.join(OWN_ENVIRONMENT)} only inside their own environments "
+            "(.venv-NAME)."
         ),
     ] = None,
 ) -> None:
@@ -276,7 +281,9 @@ def score_command(
     samples: Annotated[
         list[str], typer.Option(help="LABEL=DIR: a gathered `srpo sample` folder, repeatable.")
     ],
-    metric: Annotated[str, typer.Option(help="hpsv2, hpsv3, aesthetic, pickscore or imagereward.")],
+    metric: Annotated[
+        str, typer.Option(help=f"{', '.join(TABLE_ORDER[:-1])} or {TABLE_ORDER[-1]}.")
+    ],
     out: Annotated[Path, typer.Option(help="Parquet file to write (a CSV is written beside).")],
     weight: Annotated[
         list[str] | None,

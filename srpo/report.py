@@ -23,19 +23,13 @@ from scipy import stats
 from srpo.io import InputError, atomic_path, clear_staging, one_line, provenance, write_json
 from srpo.sample_manifest import model_record, read_sample_manifest
 from srpo.score import SCORE_COLUMNS
+from srpo.scorers import SCORERS, TABLE_ORDER
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ALL_STYLES = "all"
-METRIC_ORDER = ("hpsv2", "hpsv3", "aesthetic", "pickscore", "imagereward")
-METRIC_TITLES = {
-    "hpsv2": "HPSv2.1",
-    "hpsv3": "HPSv3",
-    "aesthetic": "Aesthetic",
-    "pickscore": "PickScore",
-    "imagereward": "ImageReward",
-}
+METRIC_TITLES = {name: SCORERS[name].title for name in TABLE_ORDER}
 REPORT_FILES = (
     "report.md",
     "provenance.json",
@@ -73,7 +67,7 @@ def read_scores(paths: Sequence[Path]) -> pd.DataFrame:
 
 
 def _metric_order(metrics: Sequence[str]) -> list[str]:
-    known = [m for m in METRIC_ORDER if m in metrics]
+    known = [m for m in TABLE_ORDER if m in metrics]
     return known + sorted(set(metrics) - set(known))
 
 

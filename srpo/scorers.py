@@ -68,6 +68,8 @@ class Scorer:
     """One scorer; every field is required, so a new one cannot leave a part undeclared."""
 
     name: str
+    title: str
+    """Its name in tables and figures (the paper's)."""
     metric: str
     """"module:attribute" of its `load_metric`, called with `srpo score`'s --weight keywords."""
     metric_hub_keys: tuple[str, ...]
@@ -157,11 +159,14 @@ _HPSV3 = RewardKind(
 )
 
 
-def _scorer(name: str, environment: str, reward: RewardKind | None, *hub: str) -> Scorer:
+def _scorer(
+    name: str, title: str, environment: str, reward: RewardKind | None, *hub: str
+) -> Scorer:
     """A scorer whose code is `srpo.rewards.<name>`'s `load_metric` and `build_tiny`."""
     module = f"srpo.rewards.{name}"
     return Scorer(
         name=name,
+        title=title,
         metric=f"{module}:load_metric",
         metric_hub_keys=hub,
         tiny=f"{module}:build_tiny",
@@ -173,16 +178,19 @@ def _scorer(name: str, environment: str, reward: RewardKind | None, *hub: str) -
 SCORERS: dict[str, Scorer] = {
     scorer.name: scorer
     for scorer in (
-        _scorer("hpsv2", MAIN, _HPSV2),
-        _scorer("aesthetic", MAIN, None),
-        _scorer("pickscore", MAIN, _PICKSCORE, "model_path", "processor_path"),
-        _scorer("imagereward", "imagereward", None),
-        _scorer("hpsv3", "hpsv3", _HPSV3),
+        _scorer("hpsv2", "HPSv2.1", MAIN, _HPSV2),
+        _scorer("aesthetic", "Aesthetic", MAIN, None),
+        _scorer("pickscore", "PickScore", MAIN, _PICKSCORE, "model_path", "processor_path"),
+        _scorer("imagereward", "ImageReward", "imagereward", None),
+        _scorer("hpsv3", "HPSv3", "hpsv3", _HPSV3),
     )
 }
-"""In the order the paper's tables list the metrics."""
 METRICS = tuple(SCORERS)
-"""Names `srpo.rewards.metric.load_metric` accepts."""
+"""Names `srpo.rewards.metric.load_metric` accepts, in the order its messages list them."""
+TABLE_ORDER = ("hpsv2", "hpsv3", "aesthetic", "pickscore", "imagereward")
+"""The order of the paper's tables (`srpo report`): every scorer, once."""
+if sorted(TABLE_ORDER) != sorted(METRICS):
+    raise ValueError(f"TABLE_ORDER {TABLE_ORDER} must list every scorer of {METRICS} once")
 REWARD_KINDS = tuple(name for name, scorer in SCORERS.items() if scorer.reward)
 """Scorers that can train, alone or in a mix (`reward.kind`, the keys of `reward.mix`)."""
 
