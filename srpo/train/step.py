@@ -37,6 +37,7 @@ from srpo.flux import FrozenVAE, LatentGeometry, load_transformer, load_vae, mak
 from srpo.flux import vae_scale_factor as scale_of
 from srpo.io import InputError, provenance
 from srpo.rewards import load_reward
+from srpo.runtime.callables import Velocity
 from srpo.runtime.distributed import DistributedContext
 from srpo.runtime.precision import POLICIES, under_autocast
 from srpo.runtime.seeds import derive_seed
@@ -107,6 +108,7 @@ class GatherScopes:
         self.scope = scope
 
     def whole_step(self):
+        """Around the whole step, forwards and backwards: a no-op unless the scope is `step`."""
         return kept_gathered(self.model, self.scope == "step", through_backward=True)
 
     @contextmanager
@@ -365,7 +367,9 @@ class Trainer:
             sigmas = sigma_schedule(config.rollout_steps, self.settings.shift)
             return euler_rollout(velocity, batch.noise.expand(len(batch.numbers), -1, -1), sigmas)
 
-    def _velocity(self, cond: Conditioning, guidance: float, rows: list[int] | None = None):
+    def _velocity(
+        self, cond: Conditioning, guidance: float, rows: list[int] | None = None
+    ) -> Velocity:
         """The transformer as velocity(x, σ) for `cond` (its `rows`), under the policy."""
         embeds, pooled = cond.prompt_embeds, cond.pooled_prompt_embeds
         if rows is not None:
