@@ -4,6 +4,8 @@ Every file of either folder is compared. Bytes must be equal, except where a run
 circumstances rather than its results:
 - JSON files (manifests, provenance, train_state.json, ...): equal once the keys that record
   when, where and from which commit a run happened (VOLATILE_KEYS) are dropped, at any depth;
+- other text (the report's Markdown and HTML): equal once a commit id after the word "commit"
+  is replaced by a placeholder;
 - logs, benchmark timings, TensorBoard events and pickled process state (UNCOMPARED): listed,
   not compared.
 Exit status 1 with one line per differing or missing file; 0 with a summary otherwise.
@@ -37,6 +39,14 @@ def without_volatile(value: object) -> object:
     return value
 
 
+COMMIT = re.compile(rb"(commit\W{1,4})[0-9a-f]{40}")
+TEXT = re.compile(r"\.(md|html|tex|txt|csv|yaml)$")
+
+
+def same_text(left: bytes, right: bytes) -> bool:
+    return COMMIT.sub(rb"\1<commit>", left) == COMMIT.sub(rb"\1<commit>", right)
+
+
 def same_json(left: bytes, right: bytes) -> bool:
     try:
         return without_volatile(json.loads(left)) == without_volatile(json.loads(right))
@@ -49,20 +59,28 @@ def files(root: Path) -> dict[str, Path]:
 
 
 def compare(left: Path, right: Path) -> tuple[dict[str, int], list[str]]:
-    """Counts of identical / JSON-equal / uncompared files, and the problems found."""
+    """Counts of the files by how they compared (uncompared ones: of `left`), and the problems
+    found."""
     ours, theirs = files(left), files(right)
-    counts = {"identical bytes": 0, "equal JSON (volatile keys dropped)": 0, "not compared": 0}
+    skipped = sum(1 for name in ours if UNCOMPARED.search(name))
+    ours = {name: path for name, path in ours.items() if not UNCOMPARED.search(name)}
+    theirs = {name: path for name, path in theirs.items() if not UNCOMPARED.search(name)}
+    counts = {
+        "identical bytes": 0,
+        "equal JSON (volatile keys dropped)": 0,
+        "equal text (commit ids masked)": 0,
+        "not compared": skipped,
+    }
     problems = [f"only in {left}: {name}" for name in sorted(ours.keys() - theirs.keys())]
     problems += [f"only in {right}: {name}" for name in sorted(theirs.keys() - ours.keys())]
     for name in sorted(ours.keys() & theirs.keys()):
-        if UNCOMPARED.search(name):
-            counts["not compared"] += 1
-            continue
         a, b = ours[name].read_bytes(), theirs[name].read_bytes()
         if a == b:
             counts["identical bytes"] += 1
         elif name.endswith(".json") and same_json(a, b):
             counts["equal JSON (volatile keys dropped)"] += 1
+        elif TEXT.search(name) and same_text(a, b):
+            counts["equal text (commit ids masked)"] += 1
         else:
             problems.append(f"differs: {name}")
     return counts, problems

@@ -16,7 +16,8 @@ def results(root, commit: str, learning_rate: float, extra: dict[str, bytes]):
         "train/checkpoints/step-00000002/provenance.json": json.dumps(
             {"git_commit": commit, "created": commit, "config": {"lr": learning_rate}}
         ).encode(),
-        "train/tensorboard/events.out.tfevents.1.host": commit.encode(),
+        f"train/tensorboard/events.out.tfevents.{commit}.host": commit.encode(),
+        "report/report.md": f"- git commit: `{commit * 10}`\n".encode(),
         **extra,
     }
     for name, data in files.items():
@@ -30,7 +31,7 @@ def test_runs_of_two_commits_with_the_same_results_compare_equal(tmp_path):
     b = results(tmp_path / "b", "bbbb", 1e-5, {})
     counts, problems = compare_outputs.compare(a, b)
     assert problems == []
-    assert list(counts.values()) == [1, 1, 1]
+    assert list(counts.values()) == [1, 1, 1, 1]
 
 
 def test_a_changed_result_or_a_missing_file_is_named(tmp_path):
