@@ -321,6 +321,7 @@ def test_a_new_scorer_declares_every_part() -> None:
     when the module is imported, not when a run first needs the missing part."""
     complete = {
         "name": "clipscore",
+        "title": "CLIPScore",
         "metric": "srpo.rewards.clipscore:load_metric",
         "metric_hub_keys": (),
         "tiny": "srpo.rewards.clipscore:build_tiny",
