@@ -208,8 +208,6 @@ def train_command(
 ) -> None:
     """Fine-tune the FLUX transformer with SRPO; launch with torchrun for several processes."""
     from srpo.config import load_train_config
-    from srpo.train.evaluate import EXIT_COLLAPSED, RewardHacking
-    from srpo.train.run import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
 
     overrides = {
         "max_steps": max_steps,
@@ -228,6 +226,11 @@ def train_command(
             f"{config}: reward.processor_path": settings.reward.processor_path,
         },
     )
+    # The trainer's imports (torch, diffusers) come after the config and inputs are checked,
+    # so that a mistake there is one line at once.
+    from srpo.train.evaluate import EXIT_COLLAPSED, RewardHacking
+    from srpo.train.run import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged, train
+
     try:
         result = train(settings, resume, resume_from)
     except TrainingDiverged as error:
