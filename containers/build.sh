@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
-# Build the image of each environment of config/containers.yaml from containers/Dockerfile,
-# optionally push it and write its digest back into config/containers.yaml.
+# Build the image of each environment of config/containers.yaml (or --config) from
+# containers/Dockerfile, optionally push it and write its digest back into that config.
 #
-# Usage: bash containers/build.sh [--variant cuda|cpu] [--push REGISTRY] [ENV ...]
+# Usage: bash containers/build.sh [--variant cuda|cpu] [--push REGISTRY] [--config FILE] [ENV ...]
 #   --variant cuda   (default) FROM the CUDA runtime pinned by digest in the Dockerfile: clusters.
 #   --variant cpu    FROM the base containers/cpu-base.sh builds from Debian packages: CI, laptops.
 #   --push REGISTRY  push REGISTRY/srpo-ENV:VERSION-VARIANT and write its digest reference
-#                    (docker://REGISTRY/srpo-ENV@sha256:…) to config/containers.yaml `images`.
-#   ENV ...          environments to build (default: every one in config/containers.yaml).
+#                    (docker://REGISTRY/srpo-ENV@sha256:…) to the containers config's `images`.
+#   --config FILE    the containers config to read the environments from and write the digests
+#                    into (default config/containers.yaml; pass a copy to push without changing it).
+#   ENV ...          environments to build (default: every one in the containers config).
 # Engine: ENGINE=docker (default) or podman. Local tags: srpo-ENV:VARIANT.
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 engine=${ENGINE:-docker}
 variant=cuda
 registry=
+config=config/containers.yaml
 envs=()
 while (($#)); do
   case $1 in
     --variant) variant=${2:?--variant needs cuda or cpu}; shift 2 ;;
     --push) registry=${2:?--push needs a registry, e.g. ghcr.io/my-lab}; shift 2 ;;
+    --config) config=$(cd "$caller" && realpath -m -- "${2:?--config needs a file}"); shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "build: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) envs+=("$1"); shift ;;
@@ -26,10 +31,11 @@ while (($#)); do
 done
 [[ $variant == cuda || $variant == cpu ]] || { echo "build: --variant: expected cuda or cpu, got '$variant'" >&2; exit 2; }
 python=${PYTHON:-.venv/bin/python}
-known=$("$python" -c 'import yaml; print(*yaml.safe_load(open("config/containers.yaml"))["containers"]["images"])')
+[[ -f $config ]] || { echo "build: --config: $config is not a file" >&2; exit 2; }
+known=$(CONFIG=$config "$python" -c 'import os, yaml; print(*yaml.safe_load(open(os.environ["CONFIG"]))["containers"]["images"])')
 ((${#envs[@]})) || read -r -a envs <<< "$known"
 for env in "${envs[@]}"; do
-  [[ " $known " == *" $env "* ]] || { echo "build: config/containers.yaml: no environment '$env' (known: $known)" >&2; exit 2; }
+  [[ " $known " == *" $env "* ]] || { echo "build: $config: no environment '$env' (known: $known)" >&2; exit 2; }
 done
 
 build_args=()
@@ -67,7 +73,7 @@ for env in "${envs[@]}"; do
     "$engine" push --quiet "$remote" > /dev/null
     digest=$("$engine" image inspect --format '{{index .RepoDigests 0}}' "$remote")
     ref="docker://$registry/srpo-$env@${digest##*@}"
-    sed -i -E "s|^(    $env:).*|\1 $ref|" config/containers.yaml
-    echo "pushed $ref in $((SECONDS - start)) s (config/containers.yaml)"
+    sed -i -E "s|^(    $env:).*|\1 $ref|" "$config"
+    echo "pushed $ref in $((SECONDS - start)) s ($config)"
   fi
 done

@@ -23,15 +23,34 @@ selected() { [[ $only == "  " || $only == *" $1 "* ]]; }
 stage setup bash -c 'bash scripts/setup.sh && .venv/bin/pip install --quiet --no-deps --require-hashes -r envs/test-reference.lock.txt &&
   bash envs/metric-env.sh hpsv3 && bash envs/metric-env.sh imagereward'
 export PATH="$PWD/.venv/bin:$PATH"
-# .venv-torch-floor, the oldest supported torch, is a download of several GB: it installs in the
-# background while the stages before torch-floor run (they leave a core free), which waits for it.
-floor_log=build/torch-floor-env.log
+# Two long installs run in the background while the stages before theirs run (those leave a core
+# free); the stage that needs one waits for it. A stage failing first ends the run: the installs
+# stop with it (they start afresh next time).
+# - .venv-torch-floor, the oldest supported torch, a download of several GB (torch-floor stage);
+# - the CPU images (containers stage): the engine and the local registry start here (their
+#   apt-get before any other stage's) at the lowest CPU priority, which dockerd's builds and
+#   pushes inherit. The digests go into a copy of config/containers.yaml: the real one names no
+#   image until the containers stage pushes again (cached: only the digests are written).
+mkdir -p build
+floor_log=build/torch-floor-env.log images_log=build/containers-build.log
+floor_pid= images_pid= engine_started=
+stop_background() {
+  [[ -z $floor_pid ]] || kill "$floor_pid" 2> /dev/null || true
+  [[ -z $images_pid ]] || kill -- "-$images_pid" 2> /dev/null || true
+  [[ -z $engine_started ]] || bash tests/containers/stop-engine.sh
+}
+trap stop_background EXIT
 if selected torch-floor; then
-  mkdir -p build
   bash envs/torch-floor-env.sh > "$floor_log" 2>&1 &
   floor_pid=$!
-  # A stage failing first ends the run: the install stops with it (it starts afresh next time).
-  trap '[[ -z $floor_pid ]] || kill "$floor_pid" 2> /dev/null || true' EXIT
+fi
+if selected containers; then
+  engine_started=1
+  nice -n 19 bash tests/containers/start-engine.sh
+  cp config/containers.yaml build/containers-background.yaml
+  setsid -w nice -n 19 bash containers/build.sh --variant cpu --push 127.0.0.1:5000/srpo-workflow \
+    --config build/containers-background.yaml > "$images_log" 2>&1 &
+  images_pid=$!
 fi
 # `snakemake --lint` with published images runs in the containers stage, once they exist (the
 # workflow stage checks its one notice before then).
@@ -88,9 +107,18 @@ slurm_stage() (
 )
 stage slurm slurm_stage
 # The CPU images of the three environments, pushed to a local registry: containers/build.sh
-# writes their digests into config/containers.yaml (restored afterwards), which the lint, the
-# paper dry run and the in-container tiny workflow then use.
-containers_stage() (
+# (built and pushed in the background already) writes their digests into config/containers.yaml
+# (restored afterwards), which the lint, the paper dry run and the in-container tiny workflow
+# then use.
+containers_stage() {
+  local start=$SECONDS
+  wait "$images_pid" || { cat "$images_log"; echo "containers: the background build failed" >&2; return 1; }
+  images_pid=
+  echo "waited $((SECONDS - start)) s for the background build of the images:"
+  grep -E '^(cpu base|built|pushed) ' "$images_log"
+  containers_tests
+}
+containers_tests() (
   bash tests/containers/start-engine.sh
   saved=${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig
   cp config/containers.yaml "$saved"

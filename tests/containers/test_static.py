@@ -129,3 +129,17 @@ def test_lock_check_passes_and_names_a_stale_lock(tmp_path):
         stale.stderr
     )
     assert "< args==0.0.9" in stale.stderr and "> args==0.1.0" in stale.stderr
+
+
+def test_build_reads_and_writes_the_config_it_is_given(tmp_path):
+    """--config names the containers config build.sh reads and writes (CI pushes into a copy);
+    a missing one, or an environment it lacks, is one line naming that file."""
+    missing = tmp_path / "none.yaml"
+    result = run("bash", "containers/build.sh", "--config", missing)
+    assert result.returncode == 2
+    assert result.stderr == f"build: --config: {missing} is not a file\n"
+    copy = tmp_path / "containers.yaml"
+    copy.write_text("containers:\n  images:\n    main:\n    other:\n")
+    result = run("bash", "containers/build.sh", "--config", copy, "hpsv3")
+    assert result.returncode == 2
+    assert result.stderr == f"build: {copy}: no environment 'hpsv3' (known: main other)\n"

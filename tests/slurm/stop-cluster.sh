@@ -40,3 +40,12 @@ stop() {
 stop slurmd "$DIR/slurmd.pid"
 stop slurmctld "$DIR/slurmctld.pid"
 stop munged "$DIR/munged.pid"
+
+# The /etc/slurm/slurm.conf link start-cluster.sh made, when it still points here: left behind,
+# it sends every client to the stopped controller, and `scontrol` waits for it (Snakemake's
+# slurm plugin runs one, with a 10 s timeout, each time it is imported).
+ETC_CONF=/etc/slurm/slurm.conf
+if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$DIR/slurm.conf" ]; then
+    rm -f "$ETC_CONF"
+    echo "stop-cluster: $ETC_CONF link removed"
+fi
