@@ -40,6 +40,14 @@ stop_background() {
   [[ -z $engine_started ]] || bash tests/containers/stop-engine.sh
 }
 trap stop_background EXIT
+# await_background PID_VARIABLE LOG WHAT: wait for that background job (its log and a line on
+# failure), then clear the variable so that stop_background leaves it alone.
+await_background() {
+  local start=$SECONDS
+  wait "${!1}" || { cat "$2"; echo "$3 failed (log: $2)" >&2; return 1; }
+  printf -v "$1" ''
+  echo "waited $((SECONDS - start)) s for $3"
+}
 if selected torch-floor; then
   bash envs/torch-floor-env.sh > "$floor_log" 2>&1 &
   floor_pid=$!
@@ -65,10 +73,8 @@ stage distributed .venv/bin/python -m pytest -q tests/distributed
 # first on PATH, so nothing started by name (torchrun) falls back to .venv; the workers of the
 # tests and benchmarks run sys.executable, and the first line checks that it is this one.
 torch_floor_stage() {
-  local start=$SECONDS
-  wait "$floor_pid" || { cat "$floor_log"; echo "torch-floor: envs/torch-floor-env.sh failed" >&2; return 1; }
-  floor_pid=
-  echo "waited $((SECONDS - start)) s for the background install of .venv-torch-floor: $(tail -n 1 "$floor_log")"
+  await_background floor_pid "$floor_log" "the background install of .venv-torch-floor"
+  tail -n 1 "$floor_log"
   torch_floor_tests
 }
 torch_floor_tests() (
@@ -111,15 +117,11 @@ stage slurm slurm_stage
 # (restored afterwards), which the lint, the paper dry run and the in-container tiny workflow
 # then use.
 containers_stage() {
-  local start=$SECONDS
-  wait "$images_pid" || { cat "$images_log"; echo "containers: the background build failed" >&2; return 1; }
-  images_pid=
-  echo "waited $((SECONDS - start)) s for the background build of the images:"
+  await_background images_pid "$images_log" "the background build of the images"
   grep -E '^(cpu base|built|pushed) ' "$images_log"
   containers_tests
 }
-containers_tests() (
-  bash tests/containers/start-engine.sh
+containers_tests() (  # the engine and registry were started with the background build
   saved=${SRPO_CONTAINERS_DIR:-/tmp/srpo-containers}/containers.yaml.orig
   cp config/containers.yaml "$saved"
   trap 'cp "$saved" config/containers.yaml; bash tests/containers/stop-engine.sh' EXIT
